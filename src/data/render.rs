@@ -1,0 +1,86 @@
+//! A rendered scene: the image and its exact instance masks, plus PNG helpers.
+
+use std::path::Path;
+
+use image::{ImageResult, RgbImage};
+
+/// An image with its ground-truth segmentation, in the layout of the DeepMind multi-object
+/// datasets: image [H, W, 3] u8, masks [K, H, W] with id 0 the background.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    /// Image width in pixels.
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// Number of mask channels K (max objects + 1); ids run 0..K.
+    pub num_masks: usize,
+    /// RGB bytes, row-major, interleaved: [H, W, 3].
+    pub image: Vec<u8>,
+    /// The id visible at each pixel after occlusion (0 = background, i + 1 = object i in
+    /// painter's order): [H, W].
+    pub labels: Vec<u32>,
+}
+
+impl Rendered {
+    /// Binary masks [K, H, W] (0 or 1): channel k is 1 where id k is visible.
+    pub fn masks(&self) -> Vec<u8> {
+        (0..self.num_masks as u32)
+            .flat_map(|k| self.labels.iter().map(move |&id| u8::from(id == k)))
+            .collect()
+    }
+
+    /// The pixels where `id` is visible, [H, W].
+    pub fn region(&self, id: u32) -> Vec<bool> {
+        self.labels.iter().map(|&l| l == id).collect()
+    }
+
+    /// The image as f32 [3, H, W] in [0, 1], the layout models take.
+    pub fn image_chw(&self) -> Vec<f32> {
+        (0..3)
+            .flat_map(|c| self.image.chunks_exact(3).map(move |px| px[c] as f32 / 255.0))
+            .collect()
+    }
+
+    /// The image as an `image` crate buffer.
+    pub fn to_rgb_image(&self) -> RgbImage {
+        RgbImage::from_raw(self.width as u32, self.height as u32, self.image.clone())
+            .expect("image buffer has width * height * 3 bytes")
+    }
+
+    /// Writes the image as PNG.
+    pub fn save_image(&self, path: &Path) -> ImageResult<()> {
+        self.to_rgb_image().save(path)
+    }
+
+    /// Writes the label map as a palette PNG (one fixed colour per id, see [`palette_color`]).
+    pub fn save_masks(&self, path: &Path) -> ImageResult<()> {
+        label_map_image(&self.labels, self.width, self.height).save(path)
+    }
+}
+
+/// A fixed, well separated colour for segment id `id` (0 is dark grey, the background), so
+/// that ground truth and predicted segmentations are drawn alike.
+pub fn palette_color(id: u32) -> [u8; 3] {
+    const PALETTE: [[u8; 3]; 12] = [
+        [40, 40, 40],
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [250, 190, 212],
+        [0, 128, 128],
+    ];
+    PALETTE[id as usize % PALETTE.len()]
+}
+
+/// Colours a label map [H, W] with [`palette_color`]; for ground truth and predicted ids alike.
+pub fn label_map_image(labels: &[u32], width: usize, height: usize) -> RgbImage {
+    assert_eq!(labels.len(), width * height, "label map size");
+    let bytes = labels.iter().flat_map(|&id| palette_color(id)).collect();
+    RgbImage::from_raw(width as u32, height as u32, bytes).expect("3 bytes per label")
+}

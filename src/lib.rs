@@ -1,0 +1,4 @@
+//! slotserve: object-centric image editing with SlotDiffusion models, served over HTTP.
+pub mod checkpoint;
+pub mod imageio;
+pub mod model;

@@ -1,0 +1,8 @@
+//! candle modules of the SlotDiffusion image models; tensors in, tensors out, no I/O.
+pub mod encoder;
+pub mod resnet;
+pub mod sampler;
+pub mod slot_attention;
+pub mod unet;
+pub mod vit;
+pub mod vqvae;

@@ -2,3 +2,5 @@
 pub mod checkpoint;
 pub mod imageio;
 pub mod model;
+pub mod data;
+pub mod eval;

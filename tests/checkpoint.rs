@@ -52,3 +52,15 @@ fn strict_loading_names_missing_misshaped_and_unused_tensors() {
     let err = ckpt.ensure_all_used(&["dm_decoder.", "encoder"]).unwrap_err().to_string();
     assert!(err.contains("slot_attention.gru.weight_ih"), "{err}");
 }
+
+#[test]
+fn bare_and_wrapped_state_dicts_read_the_same() {
+    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/assets");
+    for file in ["tiny_bare.pth", "tiny_wrapped.pth"] {
+        let ckpt = Checkpoint::from_pth(&assets.join(file)).unwrap();
+        let w = ckpt.tensor("layer.weight").unwrap();
+        assert_eq!(w.to_vec2::<f32>().unwrap(), vec![vec![0., 1., 2.], vec![3., 4., 5.]], "{file}");
+        assert_eq!(ckpt.tensor("layer.bias").unwrap().to_vec1::<f32>().unwrap(), vec![0.5, -1.5]);
+        assert_eq!(ckpt.shapes().iter().count(), 2, "{file}");
+    }
+}

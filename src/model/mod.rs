@@ -1,5 +1,6 @@
 //! candle modules of the SlotDiffusion image models; tensors in, tensors out, no I/O.
 pub mod encoder;
+pub mod init;
 pub mod resnet;
 pub mod sampler;
 pub mod slot_attention;

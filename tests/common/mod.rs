@@ -23,7 +23,9 @@ pub fn fixtures_dir(test: &str) -> Option<PathBuf> {
     if default.is_dir() {
         return Some(default);
     }
-    println!("skipped {test}: {FIXTURES_ENV} is unset and ../shared/fixtures/official does not exist");
+    println!(
+        "skipped {test}: {FIXTURES_ENV} is unset and ../shared/fixtures/official does not exist"
+    );
     None
 }
 
@@ -71,7 +73,16 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     let a = a.to_dtype(DType::F32).unwrap();
     let b = b.to_dtype(DType::F32).unwrap();
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Asserts that `got` matches `want` to `tol` absolute, naming `what` and the difference.

@@ -1,0 +1,200 @@
+//! `slotserve eval`: the paper's metrics over held-out procedural scenes, with baselines.
+//!
+//! The model side (decompose, reconstruct, render without a slot) belongs to the caller; this
+//! module supplies the scenes, the ground truth for edits, per-method running means
+//! ([`Report`]), the baselines, and the printed table.
+
+pub mod baselines;
+pub mod metrics;
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::data::{scene_seed, Rendered, Scene, SceneConfig, Split};
+use baselines::{kmeans_labels, one_cluster_labels, KMeansConfig};
+use metrics::{masked_psnr, psnr, segmentation_scores, SegmentationScores, U8_RANGE};
+
+/// A running mean that skips missing values (`None`, NaN), like the official `np.nanmean`
+/// (here over all scenes at once rather than batch by batch).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Mean {
+    sum: f64,
+    count: usize,
+}
+
+impl Mean {
+    /// Adds a value unless it is missing or NaN.
+    pub fn add(&mut self, value: Option<f64>) {
+        if let Some(v) = value.filter(|v| !v.is_nan()) {
+            self.sum += v;
+            self.count += 1;
+        }
+    }
+
+    /// The mean, or `None` before any value.
+    pub fn value(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
+
+    /// How many values were added.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+}
+
+/// One method's metrics over a set of scenes (one row of the table).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// Method name, as printed.
+    pub name: String,
+    /// Scenes segmented.
+    pub scenes: usize,
+    /// FG-ARI.
+    pub fg_ari: Mean,
+    /// mBO.
+    pub mbo: Mean,
+    /// Hungarian mIoU with background as a segment (the paper's mIoU).
+    pub miou: Mean,
+    /// Hungarian mIoU over foreground objects only.
+    pub fg_miou: Mean,
+    /// Reconstruction PSNR (dB) of the image from its own slots.
+    pub psnr: Mean,
+    /// Removal PSNR (dB) inside the removed object's region.
+    pub removal_inside: Mean,
+    /// Removal PSNR (dB) outside the removed object's region.
+    pub removal_outside: Mean,
+}
+
+impl Report {
+    /// An empty row named `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            scenes: 0,
+            fg_ari: Mean::default(),
+            mbo: Mean::default(),
+            miou: Mean::default(),
+            fg_miou: Mean::default(),
+            psnr: Mean::default(),
+            removal_inside: Mean::default(),
+            removal_outside: Mean::default(),
+        }
+    }
+
+    /// Scores one predicted label map [H * W] of slot ids against the ground truth ids.
+    pub fn add_segmentation(&mut self, gt: &[u32], pred: &[u32]) -> SegmentationScores {
+        let scores = segmentation_scores(gt, pred);
+        self.scenes += 1;
+        self.fg_ari.add(Some(scores.fg_ari));
+        self.mbo.add(scores.mbo);
+        self.miou.add(Some(scores.miou));
+        self.fg_miou.add(scores.fg_miou);
+        scores
+    }
+
+    /// Scores a reconstruction (RGB bytes, any layout shared by both) of `original`.
+    pub fn add_reconstruction(&mut self, original: &[u8], reconstruction: &[u8]) -> f64 {
+        let value = psnr(original, reconstruction, U8_RANGE);
+        self.psnr.add(Some(value));
+        value
+    }
+
+    /// Scores an edited image against the ground-truth counterfactual, both interleaved
+    /// [H, W, 3] bytes, inside and outside `region` [H, W] (the removed object's pixels).
+    pub fn add_removal(
+        &mut self,
+        edited: &[u8],
+        truth: &[u8],
+        region: &[bool],
+    ) -> (Option<f64>, Option<f64>) {
+        let outside: Vec<bool> = region.iter().map(|&r| !r).collect();
+        let inside = masked_psnr(edited, truth, region, U8_RANGE);
+        let outside = masked_psnr(edited, truth, &outside, U8_RANGE);
+        self.removal_inside.add(inside);
+        self.removal_outside.add(outside);
+        (inside, outside)
+    }
+}
+
+/// The first `count` held-out scenes (seeds of [`Split::Eval`], never used in training).
+pub fn held_out_scenes(cfg: &SceneConfig, count: usize) -> Vec<Scene> {
+    (0..count as u64)
+        .map(|i| Scene::generate(cfg, scene_seed(Split::Eval, i)))
+        .collect()
+}
+
+/// The rows of the two baselines on rendered scenes: k-means on colours, one cluster.
+pub fn baseline_reports(scenes: &[Rendered], kmeans: &KMeansConfig) -> Vec<Report> {
+    let mut kmeans_row = Report::new(format!("k-means colours (k={})", kmeans.clusters));
+    let mut one_row = Report::new("one cluster");
+    for scene in scenes {
+        kmeans_row.add_segmentation(&scene.labels, &kmeans_labels(&scene.image, kmeans));
+        one_row.add_segmentation(&scene.labels, &one_cluster_labels(scene.labels.len()));
+    }
+    vec![kmeans_row, one_row]
+}
+
+/// The predicted id whose segment best overlaps (IoU) ground-truth id `id`: the slot to drop
+/// to remove that object. `None` if the object is not visible.
+pub fn best_slot(gt: &[u32], pred: &[u32], id: u32) -> Option<u32> {
+    let region: Vec<u32> = gt.iter().map(|&g| u32::from(g == id)).collect();
+    if !region.contains(&1) {
+        return None;
+    }
+    let iou = metrics::iou_matrix(&region, pred, true);
+    let best = iou[0]
+        .iter()
+        .enumerate()
+        .fold((0, f64::NEG_INFINITY), |best, (p, &v)| {
+            if v > best.1 {
+                (p, v)
+            } else {
+                best
+            }
+        });
+    Some(best.0 as u32)
+}
+
+/// The object with the most visible pixels (index into `Scene::objects`), a stable choice of
+/// what to remove when one removal per scene is scored.
+pub fn largest_visible_object(rendered: &Rendered) -> Option<usize> {
+    let mut areas = vec![0usize; rendered.num_masks];
+    for &id in &rendered.labels {
+        areas[id as usize] += 1;
+    }
+    (1..areas.len())
+        .filter(|&id| areas[id] > 0)
+        .max_by_key(|&id| (areas[id], std::cmp::Reverse(id)))
+        .map(|id| id - 1)
+}
+
+/// Formats a value with `digits` decimals, or "-" when missing.
+fn cell(value: Option<f64>, digits: usize) -> String {
+    value.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
+}
+
+/// The metrics table, one row per report, as `slotserve eval` prints it.
+pub fn format_table(reports: &[Report]) -> String {
+    let name_width = reports.iter().map(|r| r.name.len()).max().unwrap_or(0).max(6);
+    let mut out = format!(
+        "{:<name_width$} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}\n",
+        "method", "scenes", "FG-ARI", "mBO", "mIoU", "FG-mIoU", "PSNR", "rm-in", "rm-out"
+    );
+    for r in reports {
+        let _ = writeln!(
+            out,
+            "{:<name_width$} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
+            r.name,
+            r.scenes,
+            cell(r.fg_ari.value(), 3),
+            cell(r.mbo.value(), 3),
+            cell(r.miou.value(), 3),
+            cell(r.fg_miou.value(), 3),
+            cell(r.psnr.value(), 2),
+            cell(r.removal_inside.value(), 2),
+            cell(r.removal_outside.value(), 2),
+        );
+    }
+    out
+}

@@ -236,7 +236,7 @@ mod tests {
         let img = gradient(20, 12);
         let decoded = decode_image(&encode_png(&img), &ImageLimits::default()).unwrap();
         assert_eq!(decoded, img);
-        let t = images_to_tensor(&[img.clone()], &Device::Cpu).unwrap();
+        let t = images_to_tensor(std::slice::from_ref(&img), &Device::Cpu).unwrap();
         assert_eq!(t.dims(), &[1, 3, 12, 20]);
         assert_eq!(tensor_to_images(&t).unwrap()[0], img);
     }

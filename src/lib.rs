@@ -1,5 +1,6 @@
 //! slotserve: object-centric image editing with SlotDiffusion models, served over HTTP.
 pub mod checkpoint;
+pub mod device;
 pub mod imageio;
 pub mod model;
 pub mod data;

@@ -40,11 +40,7 @@ pub(crate) fn to_byte(c: f32) -> u8 {
 
 /// Euclidean distance between two sRGB colours, in byte units.
 pub(crate) fn rgb_distance(a: [u8; 3], b: [u8; 3]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(&x, y)| (x as f32 - y as f32).powi(2))
-        .sum::<f32>()
-        .sqrt()
+    a.iter().zip(b).map(|(&x, y)| (x as f32 - y as f32).powi(2)).sum::<f32>().sqrt()
 }
 
 /// Linear interpolation between two colours, `t` in 0..1.
@@ -135,20 +131,11 @@ impl Background {
         let py = (y as f32 + 0.5 - height as f32 / 2.0) / side;
         match self {
             Background::Flat { color } => color.to_rgb(),
-            Background::Gradient {
-                color,
-                to,
-                direction,
-            } => {
+            Background::Gradient { color, to, direction } => {
                 let t = (px * direction[0] + py * direction[1] + 0.5).clamp(0.0, 1.0);
                 mix(color.to_rgb(), to.to_rgb(), t)
             }
-            Background::TwoTone {
-                color,
-                other,
-                normal,
-                offset,
-            } => {
+            Background::TwoTone { color, other, normal, offset } => {
                 if px * normal[0] + py * normal[1] > *offset {
                     other.to_rgb()
                 } else {
@@ -171,14 +158,7 @@ mod tests {
 
     #[test]
     fn hsv_primaries() {
-        let rgb = |hue, saturation, value| {
-            Hsv {
-                hue,
-                saturation,
-                value,
-            }
-            .to_rgb()
-        };
+        let rgb = |hue, saturation, value| Hsv { hue, saturation, value }.to_rgb();
         assert_eq!(rgb(0.0, 1.0, 1.0), [255, 0, 0]);
         assert_eq!(rgb(120.0, 1.0, 1.0), [0, 255, 0]);
         assert_eq!(rgb(240.0, 1.0, 1.0), [0, 0, 255]);

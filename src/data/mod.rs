@@ -209,7 +209,8 @@ impl Scene {
             return self.background.color_at(x, y, self.width, self.height);
         };
         let (cx, cy, r) = object.pixel_geometry(self.width, self.height);
-        let along = ((x as f32 + 0.5 - cx) * self.light[0] + (y as f32 + 0.5 - cy) * self.light[1]) / r;
+        let along =
+            ((x as f32 + 0.5 - cx) * self.light[0] + (y as f32 + 0.5 - cy) * self.light[1]) / r;
         object.color.map(|c| color::to_byte(c as f32 / 255.0 * (1.0 + along)))
     }
 
@@ -224,11 +225,7 @@ impl Scene {
             return Hsv {
                 hue: base.hue,
                 saturation: (base.saturation + 0.35).min(1.0),
-                value: if base.value < 0.55 {
-                    base.value + 0.4
-                } else {
-                    base.value - 0.4
-                },
+                value: if base.value < 0.55 { base.value + 0.4 } else { base.value - 0.4 },
             }
             .to_rgb();
         }
@@ -263,12 +260,7 @@ struct Layout {
 
 impl Layout {
     fn new(width: usize, height: usize) -> Self {
-        Self {
-            width,
-            height,
-            labels: vec![0; width * height],
-            areas: Vec::new(),
-        }
+        Self { width, height, labels: vec![0; width * height], areas: Vec::new() }
     }
 
     /// Draws positions for a new top object until every object below keeps `cfg.min_visible`

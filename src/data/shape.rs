@@ -57,13 +57,10 @@ impl Shape {
             0 => Shape::Circle,
             1 => Shape::Square,
             2 => Shape::Triangle,
-            3 => Shape::Ellipse {
-                aspect: rng.random_range(0.45..0.8),
-            },
-            4 => Shape::Star {
-                points: rng.random_range(4..=6),
-                inner: rng.random_range(0.45..0.6),
-            },
+            3 => Shape::Ellipse { aspect: rng.random_range(0.45..0.8) },
+            4 => {
+                Shape::Star { points: rng.random_range(4..=6), inner: rng.random_range(0.45..0.6) }
+            }
             _ => Shape::Blob {
                 amplitudes: [
                     rng.random_range(0.05..0.15),
@@ -194,11 +191,7 @@ impl Object {
     /// Centre (x, y) and radius in pixels for a `width` x `height` image.
     pub fn pixel_geometry(&self, width: usize, height: usize) -> (f32, f32, f32) {
         let side = width.min(height) as f32;
-        (
-            self.center[0] * width as f32,
-            self.center[1] * height as f32,
-            self.radius * side,
-        )
+        (self.center[0] * width as f32, self.center[1] * height as f32, self.radius * side)
     }
 }
 
@@ -214,13 +207,7 @@ mod tests {
     use super::*;
 
     fn object(shape: Shape) -> Object {
-        Object {
-            shape,
-            center: [0.5, 0.5],
-            radius: 0.25,
-            angle: 0.3,
-            color: [200, 0, 0],
-        }
+        Object { shape, center: [0.5, 0.5], radius: 0.25, angle: 0.3, color: [200, 0, 0] }
     }
 
     #[test]
@@ -236,19 +223,13 @@ mod tests {
         for (shape, unit_area) in cases {
             let area = object(shape.clone()).footprint(64, 64).iter().filter(|&&b| b).count();
             let want = unit_area * r2;
-            assert!(
-                (area as f32 - want).abs() < 0.05 * want,
-                "{shape:?}: {area} px, want {want}"
-            );
+            assert!((area as f32 - want).abs() < 0.05 * want, "{shape:?}: {area} px, want {want}");
         }
     }
 
     #[test]
     fn star_notches_are_outside() {
-        let star = Shape::Star {
-            points: 5,
-            inner: 0.5,
-        };
+        let star = Shape::Star { points: 5, inner: 0.5 };
         let polygon = star.polygon();
         // Straight up is a tip; halfway between two tips (36 degrees further) is a notch.
         assert!(star.contains(&polygon, 0.0, -1.1));

@@ -18,11 +18,7 @@ pub struct KMeansConfig {
 
 impl Default for KMeansConfig {
     fn default() -> Self {
-        Self {
-            clusters: 7,
-            iterations: 20,
-            seed: 0,
-        }
+        Self { clusters: 7, iterations: 20, seed: 0 }
     }
 }
 
@@ -94,10 +90,8 @@ fn update_centres(points: &[Point], labels: &[u32], centres: &mut [Point]) {
 /// cluster ids `0..clusters`, deterministic given the config.
 pub fn kmeans_labels(image: &[u8], cfg: &KMeansConfig) -> Vec<u32> {
     assert!(cfg.clusters > 0, "k-means needs at least one cluster");
-    let points: Vec<Point> = image
-        .chunks_exact(3)
-        .map(|px| [0, 1, 2].map(|c| px[c] as f32 / 255.0))
-        .collect();
+    let points: Vec<Point> =
+        image.chunks_exact(3).map(|px| [0, 1, 2].map(|c| px[c] as f32 / 255.0)).collect();
     if points.is_empty() {
         return Vec::new();
     }

@@ -24,10 +24,7 @@ pub fn compact_labels(labels: &[u32]) -> Vec<u32> {
     let mut present = labels.to_vec();
     present.sort_unstable();
     present.dedup();
-    labels
-        .iter()
-        .map(|id| present.binary_search(id).expect("id is present") as u32)
-        .collect()
+    labels.iter().map(|id| present.binary_search(id).expect("id is present") as u32).collect()
 }
 
 /// Pixel counts of every (ground-truth id, predicted id) pair: `counts[g][p]`, with rows
@@ -45,10 +42,7 @@ fn contingency(gt: &[u32], pred: &[u32]) -> Vec<Vec<u64>> {
 
 /// Sum of `n * (n - 1)` (ordered pairs within a group) over counts.
 fn pairs(counts: impl IntoIterator<Item = u64>) -> f64 {
-    counts
-        .into_iter()
-        .map(|n| (n * n.saturating_sub(1)) as f64)
-        .sum()
+    counts.into_iter().map(|n| (n * n.saturating_sub(1)) as f64).sum()
 }
 
 /// Adjusted Rand index between two label maps; with `ignore_background`, pixels whose
@@ -88,9 +82,7 @@ pub fn iou_matrix(gt: &[u32], pred: &[u32], ignore_background: bool) -> Vec<Vec<
     let counts = contingency(gt, pred);
     let gt_sizes: Vec<u64> = counts.iter().map(|row| row.iter().sum()).collect();
     let cols = counts.first().map_or(0, Vec::len);
-    let pred_sizes: Vec<u64> = (0..cols)
-        .map(|p| counts.iter().map(|row| row[p]).sum())
-        .collect();
+    let pred_sizes: Vec<u64> = (0..cols).map(|p| counts.iter().map(|row| row[p]).sum()).collect();
     let first = usize::from(ignore_background);
     counts
         .iter()
@@ -126,10 +118,7 @@ pub fn hungarian_miou(gt: &[u32], pred: &[u32], ignore_background: bool) -> Opti
     if iou.is_empty() {
         return None;
     }
-    let matched: f64 = linear_sum_assignment(&iou, true)
-        .into_iter()
-        .map(|(g, p)| iou[g][p])
-        .sum();
+    let matched: f64 = linear_sum_assignment(&iou, true).into_iter().map(|(g, p)| iou[g][p]).sum();
     Some(matched / iou.len() as f64)
 }
 
@@ -139,10 +128,7 @@ pub fn hungarian_miou(gt: &[u32], pred: &[u32], ignore_background: bool) -> Opti
 pub fn linear_sum_assignment(weights: &[Vec<f64>], maximize: bool) -> Vec<(usize, usize)> {
     let rows = weights.len();
     let cols = weights.first().map_or(0, Vec::len);
-    assert!(
-        weights.iter().all(|row| row.len() == cols),
-        "ragged matrix"
-    );
+    assert!(weights.iter().all(|row| row.len() == cols), "ragged matrix");
     let sign = if maximize { -1.0 } else { 1.0 };
     if rows <= cols {
         min_cost_assignment(rows, cols, |r, c| sign * weights[r][c])
@@ -213,10 +199,8 @@ fn min_cost_assignment(
             column = previous;
         }
     }
-    let mut pairs: Vec<_> = (1..=cols)
-        .filter(|&c| owner[c] != 0)
-        .map(|c| (owner[c] - 1, c - 1))
-        .collect();
+    let mut pairs: Vec<_> =
+        (1..=cols).filter(|&c| owner[c] != 0).map(|c| (owner[c] - 1, c - 1)).collect();
     pairs.sort_unstable();
     pairs
 }
@@ -258,9 +242,7 @@ fn squared_error<T: Copy + Into<f64>>(
         .zip(b)
         .enumerate()
         .filter(|(i, _)| select(i / channels))
-        .fold((0.0, 0), |(sum, n), (_, (&x, &y))| {
-            (sum + (x.into() - y.into()).powi(2), n + 1)
-        })
+        .fold((0.0, 0), |(sum, n), (_, (&x, &y))| (sum + (x.into() - y.into()).powi(2), n + 1))
 }
 
 /// PSNR in dB from a mean squared error (infinite when the images are equal).
@@ -284,10 +266,7 @@ pub fn masked_psnr<T: Copy + Into<f64>>(
     region: &[bool],
     data_range: f64,
 ) -> Option<f64> {
-    assert!(
-        !region.is_empty() && a.len() % region.len() == 0,
-        "region does not match the image"
-    );
+    assert!(!region.is_empty() && a.len() % region.len() == 0, "region does not match the image");
     let channels = a.len() / region.len();
     let (sum, n) = squared_error(a, b, |pixel| region[pixel], channels);
     (n > 0).then(|| psnr_from_mse(sum / n as f64, data_range))

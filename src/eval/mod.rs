@@ -119,9 +119,7 @@ impl Report {
 
 /// The first `count` held-out scenes (seeds of [`Split::Eval`], never used in training).
 pub fn held_out_scenes(cfg: &SceneConfig, count: usize) -> Vec<Scene> {
-    (0..count as u64)
-        .map(|i| Scene::generate(cfg, scene_seed(Split::Eval, i)))
-        .collect()
+    (0..count as u64).map(|i| Scene::generate(cfg, scene_seed(Split::Eval, i))).collect()
 }
 
 /// The rows of the two baselines on rendered scenes: k-means on colours, one cluster.
@@ -143,16 +141,13 @@ pub fn best_slot(gt: &[u32], pred: &[u32], id: u32) -> Option<u32> {
         return None;
     }
     let iou = metrics::iou_matrix(&region, pred, true);
-    let best = iou[0]
-        .iter()
-        .enumerate()
-        .fold((0, f64::NEG_INFINITY), |best, (p, &v)| {
-            if v > best.1 {
-                (p, v)
-            } else {
-                best
-            }
-        });
+    let best = iou[0].iter().enumerate().fold((0, f64::NEG_INFINITY), |best, (p, &v)| {
+        if v > best.1 {
+            (p, v)
+        } else {
+            best
+        }
+    });
     Some(best.0 as u32)
 }
 

@@ -109,11 +109,17 @@ impl Checkpoint {
 
     /// One tensor by name, marking it used.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
-        let Some(t) = self.tensors.get(name) else {
-            bail!("checkpoint is missing `{name}`");
-        };
+        let t = self.peek(name)?.clone();
         self.used.lock().expect("checkpoint lock").insert(name.to_string());
-        Ok(t.clone())
+        Ok(t)
+    }
+
+    /// One tensor by name without marking it used (for digests and inspection).
+    pub fn peek(&self, name: &str) -> Result<&Tensor> {
+        match self.tensors.get(name) {
+            Some(t) => Ok(t),
+            None => bail!("checkpoint is missing `{name}`"),
+        }
     }
 
     /// A VarBuilder that serves tensors from this checkpoint in `dtype` on `device`, recording

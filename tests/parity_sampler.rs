@@ -59,7 +59,7 @@ fn run_alone(
         let eps = toy_model(&x, &Tensor::new(&[t], &Device::Cpu)?, &[0])?;
         state.advance(&eps, snap)?;
     }
-    Ok(values(&state.finish()?))
+    Ok(values(&state.final_latent()?))
 }
 
 fn max_diff(a: &[f32], b: &[f64]) -> f64 {
@@ -380,7 +380,7 @@ fn samplers_reach_closed_forms_for_a_point_mass() {
     let run = |kind, steps| {
         let mut states = vec![s.start(kind, steps, &x_t, 3).unwrap()];
         sample(&mut states, exact_eps(kind), &identity).unwrap();
-        values(&states.pop().unwrap().finish().unwrap())
+        values(&states.pop().unwrap().final_latent().unwrap())
     };
     // DPM-Solver++: x_0 = (σ_0/σ_1)·x_1 + α_0·(1 − e^{−(λ_0 − λ_1)})·D, exact for constant D.
     let (t0, t1) = (1e-3f32, 1.0f32);
@@ -430,14 +430,16 @@ fn batched_states_at_different_progress_match_running_alone() {
     let mut states = vec![start(runs[0])];
     let mut model = toy_model;
     for _ in 0..3 {
-        assert_eq!(step_batch(&mut states, &mut model, &grid_snap).unwrap(), 1);
+        let mut refs: Vec<&mut SamplerState> = states.iter_mut().collect();
+        assert_eq!(step_batch(&mut refs, &mut model, &grid_snap).unwrap(), 1);
     }
     assert_eq!(states[0].step(), 3);
     states.extend(runs[1..].iter().map(|&r| start(r)));
-    assert_eq!(step_batch(&mut states, &mut model, &grid_snap).unwrap(), 5);
+    let mut refs: Vec<&mut SamplerState> = states.iter_mut().collect();
+    assert_eq!(step_batch(&mut refs, &mut model, &grid_snap).unwrap(), 5);
     sample(&mut states, toy_model, &grid_snap).unwrap();
     for (i, (state, want)) in states.into_iter().zip(&alone).enumerate() {
-        let got = values(&state.finish().unwrap());
+        let got = values(&state.final_latent().unwrap());
         let d = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         println!("{:?} run {i}: batched vs alone {d:.2e}", runs[i].0);
         assert!(d <= 1e-5, "run {i}: {d}");
@@ -455,7 +457,7 @@ fn states_report_progress_and_refuse_misuse() {
     assert!(state.accept_x0(&x).is_err(), "accept without predict");
     state.advance(&x.zeros_like().unwrap(), &|x| Ok(x.clone())).unwrap();
     assert_eq!(state.step(), 1);
-    assert!(state.finish().is_err(), "finish before the end");
+    assert!(state.final_latent().is_err(), "finish before the end");
     assert!(s.start(SamplerKind::Ddpm, Some(20), &x_t, 0).is_err());
     assert!(s.start(SamplerKind::Ddim, Some(300), &x_t, 0).is_err());
     assert!(s.start(SamplerKind::DpmSolverPP, Some(0), &x_t, 0).is_err());

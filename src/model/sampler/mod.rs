@@ -9,7 +9,7 @@
 //!
 //! Samplers ([`SamplerKind`]): DPM-Solver++ (the official evaluation sampler, 20 evaluations),
 //! DDIM (η = 0) and ancestral DDPM (all T steps, seeded per sample). Every state computes in
-//! f32 whatever the dtype of its inputs; its result ([`SamplerState::finish`]) is the final
+//! f32 whatever the dtype of its inputs; its result ([`SamplerState::final_latent`]) is the final
 //! latent before quantization, as the official `generate_imgs` returns it (the VQ-VAE decode
 //! quantizes first).
 
@@ -210,7 +210,7 @@ impl SamplerState {
         self.solver.progress().1
     }
 
-    /// Whether every evaluation is done ([`finish`](Self::finish) may be called).
+    /// Whether every evaluation is done ([`final_latent`](Self::final_latent) may be called).
     pub fn is_done(&self) -> bool {
         self.solver.model_time().is_none()
     }
@@ -252,7 +252,7 @@ impl SamplerState {
     }
 
     /// The final latent [1,C,h,w] (f32, before quantization), once the run is done.
-    pub fn finish(self) -> Result<Tensor> {
+    pub fn final_latent(&self) -> Result<Tensor> {
         if !self.is_done() {
             bail!(
                 "sampler run finished after {} of {} evaluations",
@@ -269,7 +269,7 @@ impl SamplerState {
 /// form the batch, in order, so the caller can stack their conditioning), snaps the B x0
 /// predictions in one `snap` call and advances each state. Returns B (0 when all are done).
 pub fn step_batch<M>(
-    states: &mut [SamplerState],
+    states: &mut [&mut SamplerState],
     model: &mut M,
     snap: &dyn Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<usize>
@@ -309,6 +309,7 @@ pub fn sample<M>(
 where
     M: FnMut(&Tensor, &Tensor, &[usize]) -> Result<Tensor>,
 {
-    while step_batch(states, &mut model, snap)? > 0 {}
+    let mut refs: Vec<&mut SamplerState> = states.iter_mut().collect();
+    while step_batch(&mut refs, &mut model, snap)? > 0 {}
     Ok(())
 }

@@ -1,0 +1,282 @@
+//! The whole SlotDiffusion model on batches: images → slots and masks ([`SlotDiffusion::decompose`])
+//! and slots → images by latent diffusion ([`SlotDiffusion::render`]). Rendering is also
+//! offered as resumable per-request jobs ([`RenderJob`]), so that the engine can run one UNet
+//! evaluation for requests that arrived at different times and sit at different steps.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{ModelConfig, Preset, CONFIG_FILE, UNET_PREFIX, VQVAE_PREFIX, WEIGHTS_FILE};
+use crate::model::encoder::Encoder;
+use crate::model::init::seeded_var_builder;
+use crate::model::sampler::{gaussian_noise, step_batch, Sampler, SamplerKind, SamplerState};
+use crate::model::slot_attention::{segmentation, upsample_masks, SlotAttention};
+use crate::model::unet::UNetModel;
+use crate::model::vit;
+use crate::model::vqvae::VqVae;
+
+/// Checkpoint tensors the model recomputes itself (the diffusion schedule buffers) or that the
+/// official model carries without using (DINO's pooler, the position-embedding grid buffer);
+/// every other tensor must be read, or loading fails.
+const DERIVED: &[&str] = &[
+    "dm_decoder.betas",
+    "dm_decoder.alphas_bar",
+    "dm_decoder.sqrt_",
+    "dm_decoder.log_one_minus_alphas_bar",
+    "dm_decoder.posterior_",
+    "encoder.dino.pooler.",
+];
+
+/// What decomposing a batch of images gives.
+#[derive(Debug, Clone)]
+pub struct Decomposition {
+    /// Slot vectors [B, K, D] (f32).
+    pub slots: Tensor,
+    /// Soft masks [B, K, H, W] at the input resolution (f32, summing to 1 over slots).
+    pub masks: Tensor,
+    /// Hard segmentation [B, H, W] (u32 slot ids), the argmax of `masks` over slots.
+    pub segmentation: Tensor,
+}
+
+/// One image being rendered: its slots and its sampler's progress.
+#[derive(Debug)]
+pub struct RenderJob {
+    slots: Tensor,
+    state: SamplerState,
+}
+
+impl RenderJob {
+    /// Whether every denoising evaluation is done (the job is ready to decode).
+    pub fn is_done(&self) -> bool {
+        self.state.is_done()
+    }
+
+    /// Denoising evaluations done so far.
+    pub fn step(&self) -> usize {
+        self.state.step()
+    }
+
+    /// Denoising evaluations in all.
+    pub fn total_steps(&self) -> usize {
+        self.state.total_evals()
+    }
+}
+
+/// A loaded SlotDiffusion model: encoder, slot attention, UNet, VQ-VAE and noise schedule.
+pub struct SlotDiffusion {
+    config: ModelConfig,
+    encoder: Encoder,
+    slot_attention: SlotAttention,
+    unet: UNetModel,
+    vqvae: VqVae,
+    sampler: Sampler,
+    fingerprint: String,
+    device: Device,
+    dtype: DType,
+}
+
+impl SlotDiffusion {
+    /// Builds the model from weights named as in the official checkpoints.
+    pub fn new(vb: VarBuilder, config: ModelConfig, fingerprint: String) -> Result<Self> {
+        let encoder = Encoder::new(vb.clone(), &config.encoder)?;
+        let slot_attention = SlotAttention::new(vb.clone(), &config.slot_attention)?;
+        let unet = UNetModel::new(vb.pp(UNET_PREFIX), &config.unet)?;
+        let vqvae = VqVae::new(vb.pp(VQVAE_PREFIX), &config.vqvae)?;
+        let sampler = Sampler::new(&config.schedule)?;
+        Ok(Self {
+            config,
+            encoder,
+            slot_attention,
+            unet,
+            vqvae,
+            sampler,
+            fingerprint,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Loads a model: a directory with `config.json` + `model.safetensors`, or a checkpoint
+    /// file (official `.pth` or safetensors) whose sizes are read from its shapes, with
+    /// `preset` supplying the rest. Loading is strict: every tensor must be used.
+    pub fn load(path: &Path, preset: Option<Preset>, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+        let (config, weights) = if path.is_dir() {
+            let config = ModelConfig::load(&path.join(CONFIG_FILE))?;
+            (Some(config), path.join(WEIGHTS_FILE))
+        } else {
+            (None, path.to_path_buf())
+        };
+        let ckpt = Checkpoint::from_file(&weights)
+            .with_context(|| format!("cannot read checkpoint {}", weights.display()))?
+            .renamed(vit::canonical_name);
+        let config = match (config, preset) {
+            (Some(config), _) => config,
+            (None, Some(preset)) => {
+                let name = weights.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+                ModelConfig::infer(name, preset, &ckpt.shapes())
+                    .with_context(|| format!("{} does not fit the `{preset:?}` preset", weights.display()))?
+            }
+            (None, None) => bail!(
+                "{} is a bare checkpoint: name its preset (--preset clevrtex|celeba|voc|coco)",
+                weights.display()
+            ),
+        };
+        let fingerprint = fingerprint(&ckpt)?;
+        let ckpt = Arc::new(ckpt);
+        let model = Self::new(ckpt.var_builder(dtype, device), config, fingerprint)
+            .with_context(|| format!("{} does not match its configuration", weights.display()))?;
+        ckpt.ensure_all_used(DERIVED)?;
+        Ok(model)
+    }
+
+    /// A model with reproducible random weights from `seed` (benchmarks, tests, the start of
+    /// training); the variables are recorded in `vars`.
+    pub fn random(config: &ModelConfig, seed: u64, vars: &VarMap, device: &Device) -> Result<Self> {
+        let vb = seeded_var_builder(vars, seed, DType::F32, device);
+        Self::new(vb, config.clone(), format!("random-{seed:016x}"))
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// A digest of the weights: slot sets carry it, so slots from another model are refused.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype of weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The latent shape [C, h, w] the diffusion model works in.
+    pub fn latent_dims(&self) -> [usize; 3] {
+        let side = self.config.resolution / self.vqvae.downsample_factor();
+        [self.config.vqvae.embed_dim, side, side]
+    }
+
+    /// Slots, soft masks and segmentation of a batch of images [B, 3, H, W] in [-1, 1] at
+    /// the model's resolution.
+    pub fn decompose(&self, images: &Tensor) -> Result<Decomposition> {
+        let (_, _, h, w) = images.dims4()?;
+        let features = self.encoder.forward(&images.to_dtype(self.dtype)?)?;
+        let (slots, attn) = self.slot_attention.forward(&features, None)?;
+        let masks = upsample_masks(&attn.to_dtype(DType::F32)?, self.encoder.grid(), (h, w))?;
+        let segmentation = segmentation(&masks)?;
+        Ok(Decomposition { slots: slots.to_dtype(DType::F32)?, masks, segmentation })
+    }
+
+    /// Starts rendering one image from `slots` [K, D], from the seeded standard-normal latent.
+    pub fn start_render(&self, slots: &Tensor, seed: u64, sampler: SamplerKind, steps: usize) -> Result<RenderJob> {
+        let noise = gaussian_noise(&self.latent_dims(), seed, &self.device)?;
+        self.start_render_from(slots, &noise, seed, sampler, steps)
+    }
+
+    /// Starts rendering one image from `slots` [K, D] and a given initial latent [C, h, w]
+    /// (to reproduce a render of another implementation exactly).
+    pub fn start_render_from(
+        &self,
+        slots: &Tensor,
+        noise: &Tensor,
+        seed: u64,
+        sampler: SamplerKind,
+        steps: usize,
+    ) -> Result<RenderJob> {
+        let (_, d) = slots.dims2()?;
+        if d != self.config.slot_size() {
+            candle_core::bail!("slots have width {d}, the model's are {}", self.config.slot_size());
+        }
+        let state = self.sampler.start(sampler, Some(steps), &noise.to_device(&self.device)?, seed)?;
+        Ok(RenderJob { slots: slots.to_device(&self.device)?.to_dtype(self.dtype)?, state })
+    }
+
+    /// One batched UNet evaluation for every unfinished job (each at its own timestep, with
+    /// its own slot count), advancing each; jobs with fewer slots are padded and masked.
+    pub fn denoise_step(&self, jobs: &mut [&mut RenderJob]) -> Result<()> {
+        let (slots, mut states): (Vec<&Tensor>, Vec<&mut SamplerState>) =
+            jobs.iter_mut().map(|j| (&j.slots, &mut j.state)).unzip();
+        let mut unet = |x: &Tensor, t: &Tensor, active: &[usize]| -> Result<Tensor> {
+            let (context, mask) = pad_slot_sets(active.iter().map(|&i| slots[i]))?;
+            let eps = self.unet.forward_masked(&x.to_dtype(self.dtype)?, t, &context, mask.as_ref())?;
+            eps.to_dtype(DType::F32)
+        };
+        step_batch(&mut states, &mut unet, &|x0| self.vqvae.quantize(x0))?;
+        Ok(())
+    }
+
+    /// Decodes finished jobs into images [B, 3, H, W] in [-1, 1] with one VQ-VAE pass.
+    pub fn finish_render(&self, jobs: &[&RenderJob]) -> Result<Tensor> {
+        let latents: Vec<Tensor> = jobs.iter().map(|j| j.state.final_latent()).collect::<Result<_>>()?;
+        self.decode_latents(&Tensor::cat(&latents, 0)?)
+    }
+
+    /// VQ-VAE decode (quantize, then decoder) of latents [B, C, h, w], to f32 images.
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        self.vqvae.decode(&latents.to_dtype(self.dtype)?)?.to_dtype(DType::F32)
+    }
+
+    /// Renders each slot set (its own K) from its seed, all jobs batched together.
+    pub fn render(&self, slot_sets: &[Tensor], seeds: &[u64], sampler: SamplerKind, steps: usize) -> Result<Tensor> {
+        let mut jobs: Vec<RenderJob> = slot_sets
+            .iter()
+            .zip(seeds)
+            .map(|(s, &seed)| self.start_render(s, seed, sampler, steps))
+            .collect::<Result<_>>()?;
+        self.run_to_end(&mut jobs)
+    }
+
+    /// Drives jobs to the end together and decodes them.
+    pub fn run_to_end(&self, jobs: &mut [RenderJob]) -> Result<Tensor> {
+        while jobs.iter().any(|j| !j.is_done()) {
+            self.denoise_step(&mut jobs.iter_mut().collect::<Vec<_>>())?;
+        }
+        self.finish_render(&jobs.iter().collect::<Vec<_>>())
+    }
+}
+
+/// Stacks slot sets of possibly different K into [B, Kmax, D], with a [B, Kmax] mask (1 =
+/// real slot) when they differ, `None` when all have the same K.
+fn pad_slot_sets<'a>(sets: impl Iterator<Item = &'a Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+    let sets: Vec<&Tensor> = sets.collect();
+    let k_max = sets.iter().map(|s| s.dim(0)).collect::<Result<Vec<_>>>()?.into_iter().max().unwrap_or(0);
+    if sets.iter().all(|s| s.dim(0).is_ok_and(|k| k == k_max)) {
+        return Ok((Tensor::stack(&sets, 0)?, None));
+    }
+    let mut padded = Vec::with_capacity(sets.len());
+    let mut mask = Vec::with_capacity(sets.len() * k_max);
+    for s in &sets {
+        let k = s.dim(0)?;
+        padded.push(s.pad_with_zeros(0, 0, k_max - k)?);
+        mask.extend((0..k_max).map(|i| if i < k { 1f32 } else { 0f32 }));
+    }
+    let device = sets[0].device();
+    Ok((Tensor::stack(&padded, 0)?, Some(Tensor::from_vec(mask, (sets.len(), k_max), device)?)))
+}
+
+/// A short hex digest of every tensor's name, shape and values (independent of file format,
+/// so a `.pth` and its converted safetensors share it).
+fn fingerprint(ckpt: &Checkpoint) -> Result<String> {
+    let shapes = ckpt.shapes();
+    let mut hasher = Sha256::new();
+    for (name, dims) in shapes.iter() {
+        hasher.update(name.as_bytes());
+        hasher.update(format!("{dims:?}").as_bytes());
+        let values = ckpt.peek(name)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        hasher.update(values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+    }
+    let digest = hasher.finalize();
+    Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
+}

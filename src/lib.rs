@@ -5,3 +5,5 @@ pub mod imageio;
 pub mod model;
 pub mod data;
 pub mod eval;
+pub mod edit;
+pub mod slots;

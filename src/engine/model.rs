@@ -6,6 +6,7 @@ use image::RgbImage;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::imageio::Preprocess;
 use crate::slots::SlotSet;
 
 use super::RenderSpec;
@@ -21,6 +22,9 @@ pub struct ModelInfo {
     pub preset: String,
     /// Side of the square images the model sees, in pixels.
     pub resolution: usize,
+    /// How input images are brought to `resolution`.
+    #[schema(value_type = Object, example = json!({"kind": "center_crop_resize", "crop": 192}))]
+    pub preprocess: Preprocess,
     /// Slots per decomposed image (K).
     pub num_slots: usize,
     /// Width of a slot vector (D).

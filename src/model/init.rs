@@ -78,7 +78,12 @@ impl SimpleBackend for SeededInit {
 
 /// A VarBuilder that initialises every variable reproducibly from `seed` and records the
 /// variables in `vars` (the trainable parameters).
-pub fn seeded_var_builder(vars: &VarMap, seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
+pub fn seeded_var_builder(
+    vars: &VarMap,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
     let backend = SeededInit { vars: vars.clone(), seed };
     VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
 }

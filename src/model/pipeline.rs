@@ -22,7 +22,8 @@ use crate::model::vit;
 use crate::model::vqvae::VqVae;
 
 /// Checkpoint tensors the model recomputes itself (the diffusion schedule buffers) or that the
-/// official model carries without using (DINO's pooler, the position-embedding grid buffer);
+/// official model carries without using (DINO's pooler) or recomputes for any size (the
+/// position grid);
 /// every other tensor must be read, or loading fails.
 const DERIVED: &[&str] = &[
     "dm_decoder.betas",
@@ -31,6 +32,7 @@ const DERIVED: &[&str] = &[
     "dm_decoder.log_one_minus_alphas_bar",
     "dm_decoder.posterior_",
     "encoder.dino.pooler.",
+    "encoder_pos_embedding.grid",
 ];
 
 /// What decomposing a batch of images gives.
@@ -105,7 +107,12 @@ impl SlotDiffusion {
     /// Loads a model: a directory with `config.json` + `model.safetensors`, or a checkpoint
     /// file (official `.pth` or safetensors) whose sizes are read from its shapes, with
     /// `preset` supplying the rest. Loading is strict: every tensor must be used.
-    pub fn load(path: &Path, preset: Option<Preset>, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+    pub fn load(
+        path: &Path,
+        preset: Option<Preset>,
+        device: &Device,
+        dtype: DType,
+    ) -> anyhow::Result<Self> {
         let (config, weights) = if path.is_dir() {
             let config = ModelConfig::load(&path.join(CONFIG_FILE))?;
             (Some(config), path.join(WEIGHTS_FILE))
@@ -119,8 +126,9 @@ impl SlotDiffusion {
             (Some(config), _) => config,
             (None, Some(preset)) => {
                 let name = weights.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
-                ModelConfig::infer(name, preset, &ckpt.shapes())
-                    .with_context(|| format!("{} does not fit the `{preset:?}` preset", weights.display()))?
+                ModelConfig::infer(name, preset, &ckpt.shapes()).with_context(|| {
+                    format!("{} does not fit the `{preset:?}` preset", weights.display())
+                })?
             }
             (None, None) => bail!(
                 "{} is a bare checkpoint: name its preset (--preset clevrtex|celeba|voc|coco)",
@@ -174,13 +182,19 @@ impl SlotDiffusion {
         let (_, _, h, w) = images.dims4()?;
         let features = self.encoder.forward(&images.to_dtype(self.dtype)?)?;
         let (slots, attn) = self.slot_attention.forward(&features, None)?;
-        let masks = upsample_masks(&attn.to_dtype(DType::F32)?, self.encoder.grid(), (h, w))?;
+        let masks = upsample_masks(&attn.to_dtype(DType::F32)?, self.encoder.grid(h, w), (h, w))?;
         let segmentation = segmentation(&masks)?;
         Ok(Decomposition { slots: slots.to_dtype(DType::F32)?, masks, segmentation })
     }
 
     /// Starts rendering one image from `slots` [K, D], from the seeded standard-normal latent.
-    pub fn start_render(&self, slots: &Tensor, seed: u64, sampler: SamplerKind, steps: usize) -> Result<RenderJob> {
+    pub fn start_render(
+        &self,
+        slots: &Tensor,
+        seed: u64,
+        sampler: SamplerKind,
+        steps: usize,
+    ) -> Result<RenderJob> {
         let noise = gaussian_noise(&self.latent_dims(), seed, &self.device)?;
         self.start_render_from(slots, &noise, seed, sampler, steps)
     }
@@ -199,7 +213,8 @@ impl SlotDiffusion {
         if d != self.config.slot_size() {
             candle_core::bail!("slots have width {d}, the model's are {}", self.config.slot_size());
         }
-        let state = self.sampler.start(sampler, Some(steps), &noise.to_device(&self.device)?, seed)?;
+        let state =
+            self.sampler.start(sampler, Some(steps), &noise.to_device(&self.device)?, seed)?;
         Ok(RenderJob { slots: slots.to_device(&self.device)?.to_dtype(self.dtype)?, state })
     }
 
@@ -210,7 +225,8 @@ impl SlotDiffusion {
             jobs.iter_mut().map(|j| (&j.slots, &mut j.state)).unzip();
         let mut unet = |x: &Tensor, t: &Tensor, active: &[usize]| -> Result<Tensor> {
             let (context, mask) = pad_slot_sets(active.iter().map(|&i| slots[i]))?;
-            let eps = self.unet.forward_masked(&x.to_dtype(self.dtype)?, t, &context, mask.as_ref())?;
+            let eps =
+                self.unet.forward_masked(&x.to_dtype(self.dtype)?, t, &context, mask.as_ref())?;
             eps.to_dtype(DType::F32)
         };
         step_batch(&mut states, &mut unet, &|x0| self.vqvae.quantize(x0))?;
@@ -219,7 +235,8 @@ impl SlotDiffusion {
 
     /// Decodes finished jobs into images [B, 3, H, W] in [-1, 1] with one VQ-VAE pass.
     pub fn finish_render(&self, jobs: &[&RenderJob]) -> Result<Tensor> {
-        let latents: Vec<Tensor> = jobs.iter().map(|j| j.state.final_latent()).collect::<Result<_>>()?;
+        let latents: Vec<Tensor> =
+            jobs.iter().map(|j| j.state.final_latent()).collect::<Result<_>>()?;
         self.decode_latents(&Tensor::cat(&latents, 0)?)
     }
 
@@ -229,7 +246,13 @@ impl SlotDiffusion {
     }
 
     /// Renders each slot set (its own K) from its seed, all jobs batched together.
-    pub fn render(&self, slot_sets: &[Tensor], seeds: &[u64], sampler: SamplerKind, steps: usize) -> Result<Tensor> {
+    pub fn render(
+        &self,
+        slot_sets: &[Tensor],
+        seeds: &[u64],
+        sampler: SamplerKind,
+        steps: usize,
+    ) -> Result<Tensor> {
         let mut jobs: Vec<RenderJob> = slot_sets
             .iter()
             .zip(seeds)
@@ -251,7 +274,8 @@ impl SlotDiffusion {
 /// real slot) when they differ, `None` when all have the same K.
 fn pad_slot_sets<'a>(sets: impl Iterator<Item = &'a Tensor>) -> Result<(Tensor, Option<Tensor>)> {
     let sets: Vec<&Tensor> = sets.collect();
-    let k_max = sets.iter().map(|s| s.dim(0)).collect::<Result<Vec<_>>>()?.into_iter().max().unwrap_or(0);
+    let k_max =
+        sets.iter().map(|s| s.dim(0)).collect::<Result<Vec<_>>>()?.into_iter().max().unwrap_or(0);
     if sets.iter().all(|s| s.dim(0).is_ok_and(|k| k == k_max)) {
         return Ok((Tensor::stack(&sets, 0)?, None));
     }

@@ -1,1 +1,187 @@
-//! (being written)
+//! Slot Attention with learned initial slots (SlotDiffusion's `SlotAttentionWMask`): slots
+//! compete for input features through a softmax over slots, and the last iteration's
+//! attention is the per-slot segmentation mask.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::ShapeMap;
+
+/// Added to the attention before renormalising over inputs (`eps` of the official module).
+const ATTN_EPS: f64 = 1e-6;
+/// LayerNorm epsilon (PyTorch's default).
+const LAYER_NORM_EPS: f64 = 1e-5;
+
+/// Sizes of Slot Attention; all but the iteration count are readable from shapes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotAttentionConfig {
+    /// Number of slots K.
+    pub num_slots: usize,
+    /// Width of a slot D.
+    pub slot_size: usize,
+    /// Width of the input features.
+    pub in_features: usize,
+    /// Hidden width of the slot MLP.
+    pub mlp_hidden_size: usize,
+    /// Attention iterations.
+    pub num_iterations: usize,
+}
+
+impl SlotAttentionConfig {
+    /// Reads the sizes from `init_latents` and `slot_attention.*`.
+    pub fn infer(shapes: &ShapeMap, num_iterations: usize) -> Result<Self> {
+        Ok(Self {
+            num_slots: shapes.dim("init_latents", 1)?,
+            slot_size: shapes.dim("init_latents", 2)?,
+            in_features: shapes.dim("slot_attention.project_k.weight", 1)?,
+            mlp_hidden_size: shapes.dim("slot_attention.mlp.1.weight", 0)?,
+            num_iterations,
+        })
+    }
+}
+
+/// PyTorch's `GRUCell` (gates r, z, n in that order in the stacked weights).
+#[derive(Debug, Clone)]
+struct GruCell {
+    w_ih: Linear,
+    w_hh: Linear,
+}
+
+impl GruCell {
+    fn new(input: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        let w_ih = Linear::new(
+            vb.get((3 * hidden, input), "weight_ih")?,
+            Some(vb.get(3 * hidden, "bias_ih")?),
+        );
+        let w_hh = Linear::new(
+            vb.get((3 * hidden, hidden), "weight_hh")?,
+            Some(vb.get(3 * hidden, "bias_hh")?),
+        );
+        Ok(Self { w_ih, w_hh })
+    }
+
+    fn forward(&self, x: &Tensor, h: &Tensor) -> Result<Tensor> {
+        let gi = self.w_ih.forward(x)?.chunk(3, D::Minus1)?;
+        let gh = self.w_hh.forward(h)?.chunk(3, D::Minus1)?;
+        let r = candle_nn::ops::sigmoid(&(&gi[0] + &gh[0])?)?;
+        let z = candle_nn::ops::sigmoid(&(&gi[1] + &gh[1])?)?;
+        let n = (&gi[2] + (r * &gh[2])?)?.tanh()?;
+        // h' = (1 − z)·n + z·h = n + z·(h − n)
+        &n + (z * (h - &n)?)?
+    }
+}
+
+/// Slot Attention.
+#[derive(Debug, Clone)]
+pub struct SlotAttention {
+    init_latents: Tensor,
+    norm_inputs: LayerNorm,
+    q_norm: LayerNorm,
+    project_q: Linear,
+    project_k: Linear,
+    project_v: Linear,
+    gru: GruCell,
+    mlp_norm: LayerNorm,
+    mlp_in: Linear,
+    mlp_out: Linear,
+    cfg: SlotAttentionConfig,
+}
+
+impl SlotAttention {
+    /// Builds the module from `init_latents` and `slot_attention.*` under `vb`.
+    pub fn new(vb: VarBuilder, cfg: &SlotAttentionConfig) -> Result<Self> {
+        let (d, c) = (cfg.slot_size, cfg.in_features);
+        let sa = vb.pp("slot_attention");
+        Ok(Self {
+            init_latents: vb.get((1, cfg.num_slots, d), "init_latents")?,
+            norm_inputs: layer_norm(c, LAYER_NORM_EPS, sa.pp("norm_inputs"))?,
+            q_norm: layer_norm(d, LAYER_NORM_EPS, sa.pp("project_q.0"))?,
+            project_q: linear_no_bias(d, d, sa.pp("project_q.1"))?,
+            project_k: linear_no_bias(c, d, sa.pp("project_k"))?,
+            project_v: linear_no_bias(c, d, sa.pp("project_v"))?,
+            gru: GruCell::new(d, d, sa.pp("gru"))?,
+            mlp_norm: layer_norm(d, LAYER_NORM_EPS, sa.pp("mlp.0"))?,
+            mlp_in: linear(d, cfg.mlp_hidden_size, sa.pp("mlp.1"))?,
+            mlp_out: linear(cfg.mlp_hidden_size, d, sa.pp("mlp.3"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Slots [B, K, D] and masks [B, K, N] from features [B, N, C]. Slots start from the
+    /// learned `init_latents`, or from `init` [B, K', D] (any K') when given.
+    pub fn forward(&self, inputs: &Tensor, init: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let (b, _, _) = inputs.dims3()?;
+        let mut slots = match init {
+            Some(s) => s.clone(),
+            None => self
+                .init_latents
+                .broadcast_as((b, self.cfg.num_slots, self.cfg.slot_size))?
+                .contiguous()?,
+        };
+        let (_, k, d) = slots.dims3()?;
+        let inputs = self.norm_inputs.forward(inputs)?;
+        let keys = self.project_k.forward(&inputs)?;
+        let values = self.project_v.forward(&inputs)?;
+        let scale = (d as f64).powf(-0.5);
+        let mut masks = None;
+        for _ in 0..self.cfg.num_iterations {
+            let q = self.project_q.forward(&self.q_norm.forward(&slots)?)?;
+            let logits = (keys.matmul(&q.transpose(1, 2)?)? * scale)?; // [B, N, K]
+            let attn = candle_nn::ops::softmax_last_dim(&logits)?;
+            let weights = (&attn + ATTN_EPS)?;
+            let weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
+            let updates = weights.transpose(1, 2)?.matmul(&values)?; // [B, K, D]
+            let next =
+                self.gru.forward(&updates.reshape((b * k, d))?, &slots.reshape((b * k, d))?)?;
+            let next = next.reshape((b, k, d))?;
+            let mlp = self
+                .mlp_out
+                .forward(&self.mlp_in.forward(&self.mlp_norm.forward(&next)?)?.relu()?)?;
+            slots = (next + mlp)?;
+            masks = Some(attn);
+        }
+        let masks = match masks {
+            Some(m) => m.transpose(1, 2)?.contiguous()?,
+            None => candle_core::bail!("slot attention needs at least one iteration"),
+        };
+        Ok((slots, masks))
+    }
+}
+
+/// Bilinear resampling weights (`align_corners = False`, as `F.interpolate`) mapping `n`
+/// input positions to `m` outputs: an [m, n] matrix.
+fn bilinear_matrix(n: usize, m: usize) -> Vec<f32> {
+    let scale = n as f64 / m as f64;
+    let mut w = vec![0f32; m * n];
+    for o in 0..m {
+        let src = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(n - 1);
+        let i1 = (i0 + 1).min(n - 1);
+        let frac = (src - i0 as f64) as f32;
+        w[o * n + i0] += 1.0 - frac;
+        w[o * n + i1] += frac;
+    }
+    w
+}
+
+/// Masks [B, K, h·w] on the feature grid → [B, K, H, W] at the image size, bilinearly.
+pub fn upsample_masks(
+    masks: &Tensor,
+    grid: (usize, usize),
+    size: (usize, usize),
+) -> Result<Tensor> {
+    let (b, k, _) = masks.dims3()?;
+    let ((h, w), (hh, ww)) = (grid, size);
+    let dev = masks.device();
+    let rows = Tensor::from_vec(bilinear_matrix(h, hh), (hh, h), dev)?;
+    let cols = Tensor::from_vec(bilinear_matrix(w, ww), (ww, w), dev)?;
+    let m = masks.to_dtype(DType::F32)?.reshape((b * k, h, w))?;
+    let out = rows.broadcast_left(b * k)?.matmul(&m)?.matmul(&cols.t()?.broadcast_left(b * k)?)?;
+    out.reshape((b, k, hh, ww))
+}
+
+/// Hard segmentation [B, H, W] (u32 slot ids): the argmax of masks [B, K, H, W] over slots.
+pub fn segmentation(masks: &Tensor) -> Result<Tensor> {
+    masks.argmax(1)
+}

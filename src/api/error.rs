@@ -2,7 +2,7 @@
 //! Everything a client can send maps to a 4xx here; 500 is kept for model failures.
 
 use axum::extract::multipart::{MultipartError, MultipartRejection};
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -107,29 +107,18 @@ fn kind_of(status: StatusCode) -> &'static str {
     }
 }
 
-impl From<JsonRejection> for ApiError {
-    fn from(e: JsonRejection) -> Self {
-        Self::new(e.status(), kind_of(e.status()), e.body_text())
-    }
+/// Extractor rejections keep axum's status and message, in our JSON form.
+macro_rules! from_rejection {
+    ($($rejection:ty),*) => {$(
+        impl From<$rejection> for ApiError {
+            fn from(e: $rejection) -> Self {
+                Self::new(e.status(), kind_of(e.status()), e.body_text())
+            }
+        }
+    )*};
 }
 
-impl From<QueryRejection> for ApiError {
-    fn from(e: QueryRejection) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request", e.body_text())
-    }
-}
-
-impl From<MultipartRejection> for ApiError {
-    fn from(e: MultipartRejection) -> Self {
-        Self::new(e.status(), kind_of(e.status()), e.body_text())
-    }
-}
-
-impl From<MultipartError> for ApiError {
-    fn from(e: MultipartError) -> Self {
-        Self::new(e.status(), kind_of(e.status()), e.body_text())
-    }
-}
+from_rejection!(JsonRejection, QueryRejection, BytesRejection, MultipartRejection, MultipartError);
 
 impl From<ImageError> for ApiError {
     fn from(e: ImageError) -> Self {

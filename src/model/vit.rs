@@ -70,19 +70,11 @@ impl ViTConfig {
     }
 }
 
-/// Maps a transformers-5 ViT tensor name to the transformers-4 name our modules read
-/// (`layers.N.attention.q_proj` → `encoder.layer.N.attention.attention.query`, `o_proj` →
-/// `attention.output.dense`, `mlp.fc1`/`fc2` → `intermediate.dense`/`output.dense`); other
-/// names pass unchanged, so it can be applied to every key of a checkpoint.
+/// Maps a transformers-5 DINO tensor name (under `encoder.dino.`) to the transformers-4 name
+/// our modules read (`layers.N.attention.q_proj` → `encoder.layer.N.attention.attention.query`,
+/// `o_proj` → `attention.output.dense`, `mlp.fc1`/`fc2` → `intermediate.dense`/`output.dense`);
+/// every other name passes unchanged, so it can be applied to every key of a checkpoint.
 pub fn canonical_name(name: &str) -> String {
-    let Some(pos) = name.find("layers.") else { return name.to_string() };
-    let (head, rest) = name.split_at(pos);
-    let head = head.strip_suffix("encoder.").unwrap_or(head);
-    let rest = &rest["layers.".len()..];
-    let Some((index, tail)) = rest.split_once('.') else { return name.to_string() };
-    if index.parse::<usize>().is_err() {
-        return name.to_string();
-    }
     const RENAMES: [(&str, &str); 6] = [
         ("attention.q_proj.", "attention.attention.query."),
         ("attention.k_proj.", "attention.attention.key."),
@@ -91,11 +83,18 @@ pub fn canonical_name(name: &str) -> String {
         ("mlp.fc1.", "intermediate.dense."),
         ("mlp.fc2.", "output.dense."),
     ];
+    let Some(rest) = name.strip_prefix("encoder.dino.") else { return name.to_string() };
+    let rest = rest.strip_prefix("encoder.").unwrap_or(rest);
+    let Some(rest) = rest.strip_prefix("layers.") else { return name.to_string() };
+    let Some((index, tail)) = rest.split_once('.') else { return name.to_string() };
+    if index.parse::<usize>().is_err() {
+        return name.to_string();
+    }
     let tail = RENAMES
         .iter()
         .find_map(|(new, old)| tail.strip_prefix(new).map(|t| format!("{old}{t}")))
         .unwrap_or_else(|| tail.to_string());
-    format!("{head}encoder.layer.{index}.{tail}")
+    format!("encoder.dino.encoder.layer.{index}.{tail}")
 }
 
 /// Bicubic resampling weights of PyTorch (`a = −0.75`, `align_corners = False`) mapping `n`

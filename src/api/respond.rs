@@ -1,0 +1,200 @@
+//! Building responses from the engine's plain results: PNG encoding, per-slot areas and
+//! boxes, and the three forms of a render answer (JSON, raw PNG, server-sent events).
+
+use std::convert::Infallible;
+
+use axum::http::header::{HeaderMap, ACCEPT, CONTENT_TYPE};
+use axum::http::HeaderValue;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use futures::Stream;
+use image::RgbImage;
+use serde::Serialize;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use super::error::ApiError;
+use super::types::{
+    DecomposeResponse, DecomposedImage, ImageEvent, ProgressEvent, RenderResponse, RenderedImage, SlotObject,
+};
+use super::Sampling;
+use crate::engine::{collect_images, Decomposed, RenderEvent};
+use crate::imageio::{encode_mask_png, encode_png, encode_segmentation_png};
+
+/// Whether the client's `Accept` header lists `mime`.
+pub fn accepts(headers: &HeaderMap, mime: &str) -> bool {
+    headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| item.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case(mime)))
+}
+
+/// Base64 of an image's PNG encoding.
+pub fn png_base64(image: &RgbImage) -> String {
+    STANDARD.encode(encode_png(image))
+}
+
+/// A rendered image as the API reports it.
+pub fn rendered(image: &RgbImage, seed: u64, num_slots: usize) -> RenderedImage {
+    RenderedImage { png: png_base64(image), seed, num_slots }
+}
+
+/// Pixel count and bounding box `[x0, y0, x1, y1]` (inclusive) of each slot's pixels.
+fn coverage(labels: &[u8], width: usize, num_slots: usize) -> Vec<(usize, Option<[usize; 4]>)> {
+    let mut cover = vec![(0usize, None::<[usize; 4]>); num_slots];
+    for (i, &label) in labels.iter().enumerate() {
+        let Some((count, bbox)) = cover.get_mut(usize::from(label)) else { continue };
+        let (x, y) = (i % width, i / width);
+        *count += 1;
+        *bbox = Some(match *bbox {
+            None => [x, y, x, y],
+            Some([x0, y0, x1, y1]) => [x0.min(x), y0.min(y), x1.max(x), y1.max(y)],
+        });
+    }
+    cover
+}
+
+/// The API form of one decomposed image.
+fn describe(d: &Decomposed, with_pngs: bool) -> DecomposedImage {
+    let (w, h) = (d.width, d.height);
+    let k = d.slots.num_slots();
+    let plane = w * h;
+    let objects = coverage(&d.segmentation, w, k)
+        .into_iter()
+        .enumerate()
+        .map(|(slot, (count, bbox))| SlotObject {
+            slot,
+            area: count as f32 / plane.max(1) as f32,
+            bbox: bbox.map(|[x0, y0, x1, y1]| [x0, y0, x1 - x0 + 1, y1 - y0 + 1]),
+            mask: with_pngs.then(|| {
+                STANDARD.encode(encode_mask_png(&d.masks[slot * plane..(slot + 1) * plane], w as u32, h as u32))
+            }),
+        })
+        .collect();
+    DecomposedImage {
+        slots: d.slots.to_json(),
+        width: w,
+        height: h,
+        objects,
+        segmentation: with_pngs
+            .then(|| STANDARD.encode(encode_segmentation_png(&d.segmentation, w as u32, h as u32, k))),
+    }
+}
+
+/// The `/decompose` answer, built on a blocking thread (PNG encoding is CPU work).
+pub async fn decomposition(outs: Vec<Decomposed>, with_pngs: bool) -> Result<DecomposeResponse, ApiError> {
+    tokio::task::spawn_blocking(move || DecomposeResponse {
+        images: outs.iter().map(|d| describe(d, with_pngs)).collect(),
+    })
+    .await
+    .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+}
+
+/// Waits for all images of a render until `deadline`.
+pub async fn wait_for_images(
+    events: &mut UnboundedReceiver<RenderEvent>,
+    count: usize,
+    deadline: Instant,
+) -> Result<Vec<RgbImage>, ApiError> {
+    match tokio::time::timeout_at(deadline, collect_images(events, count)).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(_) => Err(timeout()),
+    }
+}
+
+/// 504: the request ran past the server's time limit.
+pub fn timeout() -> ApiError {
+    ApiError::new(axum::http::StatusCode::GATEWAY_TIMEOUT, "timeout", "the request took longer than the server's limit")
+}
+
+/// What a render request is answered with, as the client's `Accept` header asks: a stream
+/// of events, one raw PNG, or JSON.
+pub struct RenderReply {
+    /// The job's events.
+    pub events: UnboundedReceiver<RenderEvent>,
+    /// Seeds and sampler of the request.
+    pub sampling: Sampling,
+    /// Slots of each image.
+    pub num_slots: Vec<usize>,
+    /// When the request must be done.
+    pub deadline: Instant,
+    /// The request's concurrency permit, held until the answer is complete.
+    pub permit: OwnedSemaphorePermit,
+}
+
+impl RenderReply {
+    /// Answers in the form the client accepts.
+    pub async fn respond(mut self, headers: &HeaderMap) -> Result<Response, ApiError> {
+        if accepts(headers, "text/event-stream") {
+            return Ok(self.stream().into_response());
+        }
+        let images = wait_for_images(&mut self.events, self.num_slots.len(), self.deadline).await?;
+        let s = &self.sampling;
+        if accepts(headers, "image/png") && images.len() == 1 {
+            return Ok(raw_png(&images[0], s));
+        }
+        let images = images
+            .iter()
+            .zip(&self.num_slots)
+            .enumerate()
+            .map(|(i, (img, &k))| rendered(img, s.seed_of(i), k))
+            .collect();
+        let response = RenderResponse { images, seed: s.seed, sampler: s.sampler.to_string(), steps: s.steps };
+        Ok(Json(response).into_response())
+    }
+
+    /// The server-sent events: `progress` after every model evaluation, `image` for each
+    /// finished image, `error` if the render fails or times out.
+    fn stream(self) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+        let state = (self, false);
+        let stream = futures::stream::unfold(state, |(mut reply, finished)| async move {
+            if finished {
+                return None;
+            }
+            let (event, last) = match tokio::time::timeout_at(reply.deadline, reply.events.recv()).await {
+                Ok(Some(event)) => reply.event(event),
+                Ok(None) => return None,
+                Err(_) => (error_event(&timeout()), true),
+            };
+            Some((Ok(event), (reply, last)))
+        });
+        Sse::new(stream).keep_alive(KeepAlive::default())
+    }
+
+    /// One engine event as an SSE event, and whether it ends the stream.
+    fn event(&self, event: RenderEvent) -> (Event, bool) {
+        match event {
+            RenderEvent::Progress { index, step, of } => (sse("progress", &ProgressEvent { index, step, of }), false),
+            RenderEvent::Image { index, image } => {
+                let image = rendered(&image, self.sampling.seed_of(index), self.num_slots[index]);
+                (sse("image", &ImageEvent { index, image }), false)
+            }
+            RenderEvent::Failed { error, .. } => (error_event(&ApiError::from(error)), true),
+        }
+    }
+}
+
+/// One raw PNG with the sampling facts in headers.
+fn raw_png(image: &RgbImage, s: &Sampling) -> Response {
+    let mut response = encode_png(image).into_response();
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("image/png"));
+    headers.insert("x-seed", HeaderValue::from(s.seed));
+    headers.insert("x-steps", HeaderValue::from(s.steps));
+    headers.insert("x-sampler", HeaderValue::from_static(s.sampler.name()));
+    response
+}
+
+fn sse(name: &'static str, payload: &impl Serialize) -> Event {
+    Event::default().event(name).json_data(payload).unwrap_or_else(|e| Event::default().event("error").data(e.to_string()))
+}
+
+fn error_event(error: &ApiError) -> Event {
+    sse("error", &error.body())
+}

@@ -14,10 +14,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::ShapeMap;
 use crate::imageio::Preprocess;
-use crate::model::encoder::EncoderConfig;
+use crate::model::encoder::{BackboneConfig, EncoderConfig};
+use crate::model::resnet::ResNetConfig;
 use crate::model::sampler::{SamplerKind, ScheduleConfig};
 use crate::model::slot_attention::SlotAttentionConfig;
 use crate::model::unet::UNetConfig;
+use crate::model::vit::ViTConfig;
 use crate::model::vqvae::VqVaeConfig;
 
 /// The file name of a model's configuration, beside `model.safetensors`.
@@ -51,6 +53,11 @@ impl Preset {
             Self::Celeba | Self::Shapes => Preprocess::Resize,
             Self::Voc | Self::Coco => Preprocess::ShortSideCenterCrop,
         }
+    }
+
+    /// Whether the preset's encoder is a DINO ViT (else a ResNet).
+    pub fn uses_vit(self) -> bool {
+        matches!(self, Self::Voc | Self::Coco)
     }
 
     /// Slot-attention iterations (3 in every released config).
@@ -111,9 +118,82 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The full-size official configuration of `preset` (for random weights: benchmarks and
+    /// tests run the real network sizes without downloading a checkpoint).
+    pub fn preset(preset: Preset) -> Self {
+        let (num_slots, slot_size) = match preset {
+            Preset::Clevrtex => (11, 192),
+            Preset::Celeba => (4, 192),
+            Preset::Voc => (6, 192),
+            Preset::Coco => (7, 256),
+            Preset::Shapes => (7, 64),
+        };
+        let backbone = match preset.uses_vit() {
+            true => BackboneConfig::Vit(ViTConfig {
+                hidden_size: 384,
+                num_layers: 12,
+                num_heads: preset.vit_heads(384),
+                intermediate_size: 1536,
+                patch_size: 8,
+                grid_size: 28,
+            }),
+            false => {
+                BackboneConfig::Resnet(ResNetConfig { stem_channels: 64, blocks: vec![2, 2, 2] })
+            }
+        };
+        let grid_size = match &backbone {
+            BackboneConfig::Vit(v) => v.grid_size,
+            BackboneConfig::Resnet(_) => 32,
+        };
+        let encoder = EncoderConfig { backbone, grid_size, out_channels: slot_size };
+        Self {
+            name: format!("{preset:?}").to_lowercase(),
+            preset,
+            resolution: encoder.input_resolution(),
+            preprocess: preset.preprocess(),
+            encoder,
+            slot_attention: SlotAttentionConfig {
+                num_slots,
+                slot_size,
+                in_features: slot_size,
+                mlp_hidden_size: 2 * slot_size,
+                num_iterations: preset.slot_iters(),
+            },
+            unet: UNetConfig {
+                in_channels: 3,
+                out_channels: 3,
+                model_channels: 128,
+                channel_mult: vec![1, 2, 3, 4],
+                num_res_blocks: 2,
+                attention_levels: vec![false, true, true, true],
+                num_head_channels: preset.unet_head_channels(),
+                transformer_depth: 1,
+                context_dim: slot_size,
+            },
+            vqvae: VqVaeConfig {
+                in_channels: 3,
+                ch: 64,
+                ch_mult: vec![1, 2, 4],
+                num_res_blocks: 2,
+                z_channels: 3,
+                n_embed: 4096,
+                embed_dim: 3,
+            },
+            schedule: ScheduleConfig::default(),
+            sampler: SamplerDefaults::default(),
+        }
+    }
+
     /// Reads every size from an official-layout checkpoint's shapes, the rest from `preset`.
     pub fn infer(name: &str, preset: Preset, shapes: &ShapeMap) -> Result<Self> {
         let encoder = EncoderConfig::infer(shapes, preset)?;
+        let is_vit = matches!(encoder.backbone, BackboneConfig::Vit(_));
+        if is_vit != preset.uses_vit() {
+            let (has, wants) = if is_vit { ("DINO ViT", "ResNet") } else { ("ResNet", "DINO ViT") };
+            candle_core::bail!(
+                "the checkpoint has a {has} encoder, the `{preset:?}` preset a {wants}"
+            );
+        }
         let slot_attention = SlotAttentionConfig::infer(shapes, preset.slot_iters())?;
         let unet = UNetConfig::infer(shapes, UNET_PREFIX, preset.unet_head_channels())?;
         let vqvae = VqVaeConfig::infer(shapes, VQVAE_PREFIX)?;

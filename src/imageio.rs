@@ -19,6 +19,9 @@ pub enum ImageError {
     /// since dimensions are checked before pixels are allocated).
     #[error("image too large: {0}")]
     TooLarge(String),
+    /// The image is too small to mean anything to the model.
+    #[error("image too small: {0}")]
+    TooSmall(String),
     /// The bytes claim a supported format but do not decode.
     #[error("invalid image: {0}")]
     Invalid(String),
@@ -27,6 +30,8 @@ pub enum ImageError {
 /// Bounds on what a client may send, checked before decoding pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageLimits {
+    /// Smallest accepted width or height, in pixels.
+    pub min_side: u32,
     /// Largest accepted width or height, in pixels.
     pub max_side: u32,
     /// Largest accepted width × height, in pixels.
@@ -35,7 +40,7 @@ pub struct ImageLimits {
 
 impl Default for ImageLimits {
     fn default() -> Self {
-        Self { max_side: 4096, max_pixels: 4096 * 4096 }
+        Self { min_side: 8, max_side: 4096, max_pixels: 4096 * 4096 }
     }
 }
 
@@ -49,9 +54,7 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, Imag
         Some(ImageFormat::Png | ImageFormat::Jpeg) => {}
         _ => return Err(ImageError::UnsupportedFormat),
     }
-    let (w, h) = reader
-        .into_dimensions()
-        .map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let (w, h) = reader.into_dimensions().map_err(|e| ImageError::Invalid(e.to_string()))?;
     check_dimensions(w, h, limits)?;
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -70,10 +73,14 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, Imag
 }
 
 fn check_dimensions(w: u32, h: u32, limits: &ImageLimits) -> Result<(), ImageError> {
-    if w == 0 || h == 0 {
-        return Err(ImageError::Invalid(format!("image has zero size {w}x{h}")));
+    if w < limits.min_side || h < limits.min_side {
+        return Err(ImageError::TooSmall(format!(
+            "{w}x{h} is below the minimum of {} pixels a side",
+            limits.min_side
+        )));
     }
-    if w > limits.max_side || h > limits.max_side || u64::from(w) * u64::from(h) > limits.max_pixels {
+    if w > limits.max_side || h > limits.max_side || u64::from(w) * u64::from(h) > limits.max_pixels
+    {
         return Err(ImageError::TooLarge(format!(
             "{w}x{h} exceeds the limit of {} pixels a side and {} pixels in all",
             limits.max_side, limits.max_pixels
@@ -252,7 +259,7 @@ mod tests {
 
     #[test]
     fn refuses_oversized_images_before_decoding() {
-        let limits = ImageLimits { max_side: 16, max_pixels: 200 };
+        let limits = ImageLimits { min_side: 1, max_side: 16, max_pixels: 200 };
         let png = encode_png(&gradient(15, 15));
         assert!(matches!(decode_image(&png, &limits), Err(ImageError::TooLarge(_))));
     }

@@ -1,11 +1,16 @@
 //! The `slotserve` command line: serve the model, run it from the shell, convert official
-//! checkpoints, train and evaluate the default model, and benchmark.
+//! checkpoints, make random-weight models, and write procedural scenes.
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
+use slotserve::commands::{self, RenderSpec, RenderStart, SlotSelection};
+use slotserve::config::{ModelConfig, Preset};
 use slotserve::data::{self, SceneConfig};
+use slotserve::device::{DTypeChoice, DeviceChoice};
+use slotserve::model::pipeline::SlotDiffusion;
+use slotserve::model::sampler::SamplerKind;
 
 /// Object-centric image editing with SlotDiffusion models.
 #[derive(Parser)]
@@ -15,8 +20,116 @@ struct Cli {
     command: Command,
 }
 
+/// Which model to run, and where.
+#[derive(Args)]
+struct ModelArgs {
+    /// A model directory (config.json + model.safetensors) or an official .pth (with --preset).
+    #[arg(long, env = "SLOTSERVE_MODEL", default_value = "weights")]
+    model: PathBuf,
+    /// The preset of a bare checkpoint (sizes are read from its shapes, the rest from here).
+    #[arg(long, env = "SLOTSERVE_PRESET")]
+    preset: Option<Preset>,
+    /// Compute device.
+    #[arg(long, env = "SLOTSERVE_DEVICE", value_enum, default_value_t)]
+    device: DeviceChoice,
+    /// Weight and activation dtype.
+    #[arg(long, env = "SLOTSERVE_DTYPE", value_enum, default_value_t)]
+    dtype: DTypeChoice,
+}
+
+impl ModelArgs {
+    fn load(&self) -> anyhow::Result<SlotDiffusion> {
+        SlotDiffusion::load(&self.model, self.preset, &self.device.open()?, self.dtype.dtype())
+    }
+}
+
+/// Comma-separated slot indices, e.g. `0,2,3`.
+#[derive(Clone)]
+struct Indices(Vec<usize>);
+
+impl std::str::FromStr for Indices {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.split(',')
+            .map(|p| p.trim().parse::<usize>().map_err(|_| format!("`{p}` is not a slot index")))
+            .collect::<Result<_, _>>()
+            .map(Indices)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Convert an official checkpoint (.pth) into config.json + model.safetensors.
+    Convert {
+        /// The official preset the checkpoint follows.
+        #[arg(long)]
+        preset: Preset,
+        /// The official checkpoint file.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// dtype of the written weights.
+        #[arg(long, value_enum, default_value_t)]
+        dtype: DTypeChoice,
+    },
+    /// Write a model with reproducible random weights at a preset's full size.
+    Init {
+        /// The preset whose sizes to use.
+        #[arg(long)]
+        preset: Preset,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Weight seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Split images into slots: slots.safetensors, mask PNGs, segmentations, summary.json.
+    Decompose {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Input images (PNG or JPEG), decomposed as one batch.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long, default_value = "slots")]
+        out: PathBuf,
+    },
+    /// Render an image from slots.
+    Render {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A slots file from `decompose` (tensor `slots`, [K, D] or [B, K, D]).
+        #[arg(long)]
+        slots: PathBuf,
+        /// Which image's slot set of a batched slots file.
+        #[arg(long, default_value_t = 0)]
+        index: usize,
+        /// Render only these slots (comma-separated indices).
+        #[arg(long, conflicts_with = "drop")]
+        keep: Option<Indices>,
+        /// Render without these slots (comma-separated indices).
+        #[arg(long)]
+        drop: Option<Indices>,
+        /// Seed of the initial noise.
+        #[arg(long, default_value_t = 0, conflicts_with = "noise")]
+        seed: u64,
+        /// Initial latent instead of a seed: safetensors with a tensor `noise`.
+        #[arg(long)]
+        noise: Option<PathBuf>,
+        /// Sampler: dpm-solver++, ddim or ddpm.
+        #[arg(long, default_value = "dpm-solver++")]
+        sampler: SamplerKind,
+        /// Model evaluations (DDPM always runs all T).
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Output PNG.
+        #[arg(long, default_value = "render.png")]
+        out: PathBuf,
+    },
     /// Write one procedural multi-object scene (the default model's training data) as PNG.
     Scene {
         /// Scene seed; the same seed always gives the same scene.
@@ -34,11 +147,33 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     match Cli::parse().command {
+        Command::Convert { preset, checkpoint, out, dtype } => {
+            let config = commands::convert(&checkpoint, preset, &out, dtype.dtype())?;
+            println!("{}: {} → {}", config.name, checkpoint.display(), out.display());
+        }
+        Command::Init { preset, out, seed } => {
+            commands::init(&ModelConfig::preset(preset), seed, &out)?;
+            println!("{}", out.display());
+        }
+        Command::Decompose { model, images, out } => {
+            let summary = commands::decompose(&model.load()?, &images, &out)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        }
+        Command::Render { model, slots, index, keep, drop, seed, noise, sampler, steps, out } => {
+            let selection = match (keep, drop) {
+                (Some(k), _) => SlotSelection::Keep(k.0),
+                (None, Some(d)) => SlotSelection::Drop(d.0),
+                (None, None) => SlotSelection::All,
+            };
+            let start = noise.map_or(RenderStart::Seed(seed), RenderStart::Noise);
+            let spec = RenderSpec { slots_file: slots, index, selection, start, sampler, steps };
+            commands::render(&model.load()?, &spec, &out)?;
+            println!("{}", out.display());
+        }
         Command::Scene { seed, out, masks } => {
             for path in data::write_scene(&SceneConfig::default(), seed, &out, masks)? {
                 println!("{}", path.display());

@@ -89,3 +89,21 @@ fn vit_runs_at_other_input_sizes() {
     let (slots, masks) = sa.forward(&out, None).unwrap();
     assert_eq!((slots.dims(), masks.dims()), (&[1, 6, 64][..], &[1, 6, 32 * 32][..]));
 }
+
+#[test]
+fn tmp_f64_probe() {
+    for (name, preset) in FIXTURES {
+        let Some(fx) = common::Fixture::load("tmp", name) else { return };
+        let ckpt = Arc::new(Checkpoint::from_pth(&fx.checkpoint()).unwrap());
+        let cfg = ModelConfig::infer(&fx.name, preset, &ckpt.shapes()).unwrap();
+        let vb = ckpt.var_builder(DType::F64, &Device::Cpu);
+        let encoder = Encoder::new(vb.clone(), &cfg.encoder).unwrap();
+        let image = fx.tensor("image").to_dtype(DType::F64).unwrap();
+        let f = encoder.features(&image).unwrap();
+        let d = common::max_abs_diff(&f, &fx.tensor("encoder_features").to_dtype(DType::F64).unwrap());
+        let (_, sa, _) = build(&fx, preset);
+        let f32f = { let (e, _, _) = build(&fx, preset); let _ = sa; e.features(&fx.tensor("image")).unwrap() };
+        let d2 = common::max_abs_diff(&f.to_dtype(DType::F32).unwrap(), &f32f);
+        println!("{name}: f64 features vs fixture {d:.3e}; ours f32 vs ours f64 {d2:.3e}");
+    }
+}

@@ -126,6 +126,7 @@ impl From<ImageError> for ApiError {
             ImageError::UnsupportedFormat => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             ImageError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "image_too_large"),
             ImageError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_image"),
+            ImageError::TooSmall(_) => (StatusCode::UNPROCESSABLE_ENTITY, "image_too_small"),
         };
         Self::new(status, kind, e.to_string())
     }

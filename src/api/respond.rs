@@ -24,6 +24,7 @@ use super::types::{
 use super::Sampling;
 use crate::engine::{collect_images, Decomposed, RenderEvent};
 use crate::imageio::{encode_mask_png, encode_png, encode_segmentation_png};
+use crate::summary::summarize;
 
 /// Whether the client's `Accept` header lists `mime`.
 pub fn accepts(headers: &HeaderMap, mime: &str) -> bool {
@@ -45,46 +46,23 @@ pub fn rendered(image: &RgbImage, seed: u64, num_slots: usize) -> RenderedImage 
     RenderedImage { png: png_base64(image), seed, num_slots }
 }
 
-/// Pixel count and bounding box `[x0, y0, x1, y1]` (inclusive) of each slot's pixels.
-fn coverage(labels: &[u8], width: usize, num_slots: usize) -> Vec<(usize, Option<[usize; 4]>)> {
-    let mut cover = vec![(0usize, None::<[usize; 4]>); num_slots];
-    for (i, &label) in labels.iter().enumerate() {
-        let Some((count, bbox)) = cover.get_mut(usize::from(label)) else { continue };
-        let (x, y) = (i % width, i / width);
-        *count += 1;
-        *bbox = Some(match *bbox {
-            None => [x, y, x, y],
-            Some([x0, y0, x1, y1]) => [x0.min(x), y0.min(y), x1.max(x), y1.max(y)],
-        });
-    }
-    cover
-}
-
 /// The API form of one decomposed image.
 fn describe(d: &Decomposed, with_pngs: bool) -> DecomposedImage {
     let (w, h) = (d.width, d.height);
     let k = d.slots.num_slots();
     let plane = w * h;
-    let objects = coverage(&d.segmentation, w, k)
+    let mask_png = |slot: usize| {
+        STANDARD.encode(encode_mask_png(&d.masks[slot * plane..(slot + 1) * plane], w as u32, h as u32))
+    };
+    let objects = summarize(&d.segmentation, w, k)
         .into_iter()
-        .enumerate()
-        .map(|(slot, (count, bbox))| SlotObject {
-            slot,
-            area: count as f32 / plane.max(1) as f32,
-            bbox: bbox.map(|[x0, y0, x1, y1]| [x0, y0, x1 - x0 + 1, y1 - y0 + 1]),
-            mask: with_pngs.then(|| {
-                STANDARD.encode(encode_mask_png(&d.masks[slot * plane..(slot + 1) * plane], w as u32, h as u32))
-            }),
-        })
+        .map(|summary| SlotObject { mask: with_pngs.then(|| mask_png(summary.slot)), summary })
         .collect();
-    DecomposedImage {
-        slots: d.slots.to_json(),
-        width: w,
-        height: h,
-        objects,
-        segmentation: with_pngs
-            .then(|| STANDARD.encode(encode_segmentation_png(&d.segmentation, w as u32, h as u32, k))),
-    }
+    let segmentation = with_pngs.then(|| {
+        let labels: Vec<u8> = d.segmentation.iter().map(|&l| l.min(255) as u8).collect();
+        STANDARD.encode(encode_segmentation_png(&labels, w as u32, h as u32, k))
+    });
+    DecomposedImage { slots: d.slots.to_json(), width: w, height: h, objects, segmentation }
 }
 
 /// The `/decompose` answer, built on a blocking thread (PNG encoding is CPU work).
@@ -125,7 +103,7 @@ pub struct RenderReply {
     /// When the request must be done.
     pub deadline: Instant,
     /// The request's concurrency permit, held until the answer is complete.
-    pub permit: OwnedSemaphorePermit,
+    pub _permit: OwnedSemaphorePermit,
 }
 
 impl RenderReply {

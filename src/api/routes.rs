@@ -15,7 +15,7 @@ use super::openapi::openapi;
 use super::respond::{self, wait_for_images, RenderReply};
 use super::sampling::Sampling;
 use super::types::{
-    DecomposeQuery, DecomposeRequest, DecomposeResponse, EditRequest, EditResponse, EditedImage, HealthResponse,
+    DecomposeForm, DecomposeQuery, DecomposeRequest, DecomposeResponse, EditRequest, EditResponse, EditedImage, HealthResponse,
     InfoResponse, RenderRequest, RenderResponse,
 };
 use super::AppState;
@@ -102,7 +102,7 @@ pub async fn render(
     let permit = state.permit()?;
     let num_slots = sets.iter().map(SlotSet::num_slots).collect();
     let events = state.engine.render(sampling.specs(sets))?;
-    RenderReply { events, sampling, num_slots, deadline, permit }.respond(&headers).await
+    RenderReply { events, sampling, num_slots, deadline, _permit: permit }.respond(&headers).await
 }
 
 /// The inputs of an edit: images to decompose, or slot sets.

@@ -7,6 +7,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::edit::{EditOp, Origin, SlotRef};
 use crate::engine::ModelInfo;
 use crate::slots::SlotSetJson;
+use crate::summary::SlotSummary;
 
 /// JSON body of `POST /decompose`: `image` or `images` (not both).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -59,15 +60,12 @@ pub struct DecomposedImage {
     pub segmentation: Option<String>,
 }
 
-/// What one slot covers.
+/// What one slot covers: its area and box in the segmentation, and its soft mask.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SlotObject {
-    /// Slot index.
-    pub slot: usize,
-    /// Fraction of the pixels whose most likely slot is this one.
-    pub area: f32,
-    /// Box `[x, y, width, height]` around those pixels; absent when there are none.
-    pub bbox: Option<[usize; 4]>,
+    /// Slot index, area and bounding box.
+    #[serde(flatten)]
+    pub summary: SlotSummary,
     /// Soft mask as an 8-bit greyscale PNG (base64); absent with `masks=false`.
     pub mask: Option<String>,
 }

@@ -10,6 +10,7 @@
 
 mod metrics;
 mod model;
+mod slot_diffusion;
 mod worker;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -50,7 +50,7 @@ pub struct Decomposed {
     /// K soft masks of `height`×`width` values in [0, 1], slot after slot, row-major.
     pub masks: Vec<f32>,
     /// Slot id (argmax of the masks) of each pixel, row-major.
-    pub segmentation: Vec<u8>,
+    pub segmentation: Vec<u32>,
     /// Mask width in pixels.
     pub width: usize,
     /// Mask height in pixels.

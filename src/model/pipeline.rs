@@ -114,31 +114,33 @@ impl SlotDiffusion {
         dtype: DType,
     ) -> anyhow::Result<Self> {
         let (config, weights) = if path.is_dir() {
-            let config = ModelConfig::load(&path.join(CONFIG_FILE))?;
-            (Some(config), path.join(WEIGHTS_FILE))
+            (Some(ModelConfig::load(&path.join(CONFIG_FILE))?), path.join(WEIGHTS_FILE))
         } else {
             (None, path.to_path_buf())
         };
-        let ckpt = Checkpoint::from_file(&weights)
-            .with_context(|| format!("cannot read checkpoint {}", weights.display()))?
-            .renamed(vit::canonical_name);
+        let ckpt = read_checkpoint(&weights)?;
         let config = match (config, preset) {
             (Some(config), _) => config,
-            (None, Some(preset)) => {
-                let name = weights.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
-                ModelConfig::infer(name, preset, &ckpt.shapes()).with_context(|| {
-                    format!("{} does not fit the `{preset:?}` preset", weights.display())
-                })?
-            }
+            (None, Some(preset)) => infer_config(&weights, preset, &ckpt)?,
             (None, None) => bail!(
                 "{} is a bare checkpoint: name its preset (--preset clevrtex|celeba|voc|coco)",
                 weights.display()
             ),
         };
-        let fingerprint = fingerprint(&ckpt)?;
-        let ckpt = Arc::new(ckpt);
-        let model = Self::new(ckpt.var_builder(dtype, device), config, fingerprint)
-            .with_context(|| format!("{} does not match its configuration", weights.display()))?;
+        Self::from_checkpoint(&Arc::new(ckpt), config, device, dtype)
+            .with_context(|| format!("cannot build the model from {}", weights.display()))
+    }
+
+    /// Builds the model from a checkpoint, strictly: a missing, mis-shaped or unused tensor
+    /// is an error naming it.
+    pub fn from_checkpoint(
+        ckpt: &Arc<Checkpoint>,
+        config: ModelConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> anyhow::Result<Self> {
+        let fingerprint = fingerprint(ckpt)?;
+        let model = Self::new(ckpt.var_builder(dtype, device), config, fingerprint)?;
         ckpt.ensure_all_used(DERIVED)?;
         Ok(model)
     }
@@ -268,6 +270,20 @@ impl SlotDiffusion {
         }
         self.finish_render(&jobs.iter().collect::<Vec<_>>())
     }
+}
+
+/// Reads a checkpoint file, with DINO tensor names in their canonical (transformers 4) form.
+pub fn read_checkpoint(path: &Path) -> anyhow::Result<Checkpoint> {
+    Ok(Checkpoint::from_file(path)
+        .with_context(|| format!("cannot read checkpoint {}", path.display()))?
+        .renamed(vit::canonical_name))
+}
+
+/// The configuration of a bare checkpoint: sizes from its shapes, the rest from `preset`.
+pub fn infer_config(path: &Path, preset: Preset, ckpt: &Checkpoint) -> anyhow::Result<ModelConfig> {
+    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    ModelConfig::infer(name, preset, &ckpt.shapes())
+        .with_context(|| format!("{} does not fit the `{preset:?}` preset", path.display()))
 }
 
 /// Stacks slot sets of possibly different K into [B, Kmax, D], with a [B, Kmax] mask (1 =

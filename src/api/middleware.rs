@@ -1,0 +1,56 @@
+//! Request-wide layers: the optional API key and per-endpoint request metrics.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use super::AppState;
+
+/// Header carrying the API key, as an alternative to `Authorization: Bearer`.
+const API_KEY_HEADER: &str = "x-api-key";
+
+/// The key a request presents: `Authorization: Bearer <key>` or `x-api-key: <key>`.
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    let bearer = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+    bearer.or_else(|| headers.get(API_KEY_HEADER).and_then(|v| v.to_str().ok())).map(str::trim)
+}
+
+/// Compares keys through their digests, so the time taken does not reveal the key.
+fn same_key(presented: &str, expected: &str) -> bool {
+    Sha256::digest(presented.as_bytes()) == Sha256::digest(expected.as_bytes())
+}
+
+/// Refuses requests without the configured API key (401 JSON); open when none is set.
+pub async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(expected) = state.settings.api_key.as_deref() else {
+        return next.run(request).await;
+    };
+    match presented_key(request.headers()) {
+        Some(key) if same_key(key, expected) => next.run(request).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong API key").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "an API key is required: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
+        )
+        .into_response(),
+    }
+}
+
+/// Counts every request and its latency by endpoint and status.
+pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let endpoint = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    state.engine.metrics().request(&endpoint, response.status().as_u16(), started.elapsed().as_secs_f64());
+    response
+}

@@ -128,6 +128,14 @@ impl Checkpoint {
         VarBuilder::from_backend(Box::new(Tracked(Arc::clone(self))), dtype, device.clone())
     }
 
+    /// The names of the tensors the model read, sorted.
+    pub fn used_names(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.used.lock().expect("checkpoint lock").iter().cloned().collect();
+        names.sort();
+        names
+    }
+
     /// The tensors nobody read, except those matching `derived` (buffers the model recomputes
     /// itself, such as the diffusion schedule), sorted.
     pub fn unused(&self, derived: &[&str]) -> Vec<String> {

@@ -13,7 +13,8 @@ use slotserve::config::{ModelConfig, Preset};
 use slotserve::model::encoder::{position_grid, Encoder};
 use slotserve::model::slot_attention::{segmentation, upsample_masks, SlotAttention};
 
-const FIXTURES: [(&str, Preset); 2] = [("clevrtex-small", Preset::Clevrtex), ("voc-small", Preset::Voc)];
+const FIXTURES: [(&str, Preset); 2] =
+    [("clevrtex-small", Preset::Clevrtex), ("voc-small", Preset::Voc)];
 
 fn build(fx: &common::Fixture, preset: Preset) -> (Encoder, SlotAttention, ModelConfig) {
     let ckpt = Arc::new(Checkpoint::from_pth(&fx.checkpoint()).unwrap());
@@ -33,8 +34,9 @@ fn encoder_and_slot_attention_match_official() {
         let (_, _, h, w) = image.dims4().unwrap();
         assert_eq!(cfg.resolution, h, "{name}: resolution read from the shapes");
         let features = encoder.features(&image).unwrap();
-        // Scaled: ResNet features reach 12.5, and the official code re-run on this machine is
-        // itself 9.8e-5 away from the stored clevrtex-small features (8e-6 relative).
+        // Scaled: ResNet features reach 12.5, and the stored clevrtex-small features carry f32
+        // rounding of that size themselves: this encoder run in f64 is 9.8e-5 away from them
+        // (the official code re-run here likewise), while our f32 run is 1.4e-5 from our f64.
         let want = fx.tensor("encoder_features");
         common::assert_close_scaled(&format!("{name} encoder_features"), &features, &want, 1e-4);
         let out = encoder.forward(&image).unwrap();
@@ -50,7 +52,8 @@ fn encoder_and_slot_attention_match_official() {
 /// Our argmax equals the official one wherever the top two masks are at least 1e-3 apart.
 fn assert_segmentation_matches(name: &str, masks: &Tensor, want: &Tensor) {
     let got: Vec<u32> = segmentation(masks).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let want: Vec<i64> = want.to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let want: Vec<i64> =
+        want.to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     let (b, k, h, w) = masks.dims4().unwrap();
     let m: Vec<f32> = masks.permute((0, 2, 3, 1)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     let mut ties = 0;
@@ -83,27 +86,12 @@ fn vit_runs_at_other_input_sizes() {
     let Some(fx) = common::Fixture::load("vit_other_sizes", "voc-small") else { return };
     let (encoder, sa, _) = build(&fx, Preset::Voc);
     let image = fx.tensor("image").narrow(0, 0, 1).unwrap();
-    let larger = image.upsample_nearest2d(256, 256).unwrap();
-    let out = encoder.forward(&larger).unwrap();
-    assert_eq!(out.dims(), &[1, 32 * 32, 64]);
+    let other = image.upsample_nearest2d(256, 200).unwrap();
+    assert_eq!(encoder.grid(256, 200), (32, 25));
+    let out = encoder.forward(&other).unwrap();
+    assert_eq!(out.dims(), &[1, 32 * 25, 64]);
     let (slots, masks) = sa.forward(&out, None).unwrap();
-    assert_eq!((slots.dims(), masks.dims()), (&[1, 6, 64][..], &[1, 6, 32 * 32][..]));
-}
-
-#[test]
-fn tmp_f64_probe() {
-    for (name, preset) in FIXTURES {
-        let Some(fx) = common::Fixture::load("tmp", name) else { return };
-        let ckpt = Arc::new(Checkpoint::from_pth(&fx.checkpoint()).unwrap());
-        let cfg = ModelConfig::infer(&fx.name, preset, &ckpt.shapes()).unwrap();
-        let vb = ckpt.var_builder(DType::F64, &Device::Cpu);
-        let encoder = Encoder::new(vb.clone(), &cfg.encoder).unwrap();
-        let image = fx.tensor("image").to_dtype(DType::F64).unwrap();
-        let f = encoder.features(&image).unwrap();
-        let d = common::max_abs_diff(&f, &fx.tensor("encoder_features").to_dtype(DType::F64).unwrap());
-        let (_, sa, _) = build(&fx, preset);
-        let f32f = { let (e, _, _) = build(&fx, preset); let _ = sa; e.features(&fx.tensor("image")).unwrap() };
-        let d2 = common::max_abs_diff(&f.to_dtype(DType::F32).unwrap(), &f32f);
-        println!("{name}: f64 features vs fixture {d:.3e}; ours f32 vs ours f64 {d2:.3e}");
-    }
+    assert_eq!((slots.dims(), masks.dims()), (&[1, 6, 64][..], &[1, 6, 32 * 25][..]));
+    let masks = upsample_masks(&masks, (32, 25), (256, 200)).unwrap();
+    assert_eq!(segmentation(&masks).unwrap().dims(), &[1, 256, 200]);
 }

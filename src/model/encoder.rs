@@ -69,6 +69,14 @@ impl EncoderConfig {
         }
     }
 
+    /// The feature-grid size (h, w) of a `height`×`width` image.
+    pub fn grid(&self, height: usize, width: usize) -> (usize, usize) {
+        match &self.backbone {
+            BackboneConfig::Resnet(c) => (c.grid_side(height), c.grid_side(width)),
+            BackboneConfig::Vit(c) => (c.grid_side(height), c.grid_side(width)),
+        }
+    }
+
     /// The square input size the model was built for.
     pub fn input_resolution(&self) -> usize {
         self.grid_size * self.stride()
@@ -115,7 +123,7 @@ pub struct Encoder {
     out_norm: LayerNorm,
     out_in: Linear,
     out_out: Linear,
-    stride: usize,
+    cfg: EncoderConfig,
 }
 
 impl Encoder {
@@ -132,13 +140,14 @@ impl Encoder {
             out_norm: layer_norm(c, LAYER_NORM_EPS, vb.pp("encoder_out_layer.0"))?,
             out_in: linear(c, e, vb.pp("encoder_out_layer.1"))?,
             out_out: linear(e, e, vb.pp("encoder_out_layer.3"))?,
-            stride: cfg.stride(),
+            cfg: cfg.clone(),
         })
     }
 
-    /// The feature-grid size (h, w) of an `height`×`width` image.
+    /// The feature-grid size (h, w) of a `height`×`width` image (what [`Encoder::features`]
+    /// returns and the masks of Slot Attention are laid out on).
     pub fn grid(&self, height: usize, width: usize) -> (usize, usize) {
-        (height / self.stride, width / self.stride)
+        self.cfg.grid(height, width)
     }
 
     /// Backbone feature map [B, C, h, w] of images [B, 3, H, W] in [-1, 1].
@@ -158,5 +167,58 @@ impl Encoder {
         let tokens = tokens.broadcast_add(&self.pos_dense.forward(&grid)?)?;
         let hidden = self.out_in.forward(&self.out_norm.forward(&tokens)?)?.relu()?;
         self.out_out.forward(&hidden)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn encoder(backbone: BackboneConfig, grid_size: usize) -> Encoder {
+        let cfg = EncoderConfig { backbone, grid_size, out_channels: 16 };
+        Encoder::new(VarBuilder::zeros(DType::F32, &Device::Cpu), &cfg).unwrap()
+    }
+
+    /// The grid that `grid` predicts is the one the backbone produces, also for sides that
+    /// are not multiples of the stride and for non-square images.
+    fn assert_grid_matches(enc: &Encoder, sizes: &[(usize, usize)]) {
+        for &(h, w) in sizes {
+            let img = Tensor::zeros((1, 3, h, w), DType::F32, &Device::Cpu).unwrap();
+            let (gh, gw) = enc.grid(h, w);
+            assert_eq!(enc.features(&img).unwrap().dims()[2..], [gh, gw], "{h}×{w}");
+            assert_eq!(enc.forward(&img).unwrap().dims(), &[1, gh * gw, 16], "{h}×{w}");
+        }
+    }
+
+    #[test]
+    fn resnet_grid_rounds_up() {
+        let cfg = ResNetConfig { stem_channels: 32, blocks: vec![1, 1, 1] };
+        let enc = encoder(BackboneConfig::Resnet(cfg), 8);
+        assert_eq!(enc.grid(65, 63), (17, 16));
+        assert_grid_matches(&enc, &[(32, 32), (65, 63), (30, 41)]);
+    }
+
+    #[test]
+    fn vit_grid_drops_partial_patches() {
+        let cfg = ViTConfig {
+            hidden_size: 32,
+            num_layers: 1,
+            num_heads: 2,
+            intermediate_size: 32,
+            patch_size: 8,
+            grid_size: 4,
+        };
+        let enc = encoder(BackboneConfig::Vit(cfg), 4);
+        assert_eq!(enc.grid(39, 50), (4, 6));
+        assert_grid_matches(&enc, &[(32, 32), (39, 50), (24, 40)]);
+    }
+
+    #[test]
+    fn position_grid_runs_from_zero_to_one() {
+        let g = position_grid(3, 5, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(g[0], [0.0, 0.0, 1.0, 1.0]);
+        assert_eq!(g[7], [0.5, 0.5, 0.5, 0.5]);
+        assert_eq!(g[14], [1.0, 1.0, 0.0, 0.0]);
     }
 }

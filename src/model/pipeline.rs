@@ -71,6 +71,7 @@ impl RenderJob {
 }
 
 /// A loaded SlotDiffusion model: encoder, slot attention, UNet, VQ-VAE and noise schedule.
+#[derive(Debug)]
 pub struct SlotDiffusion {
     config: ModelConfig,
     encoder: Encoder,
@@ -139,9 +140,12 @@ impl SlotDiffusion {
         device: &Device,
         dtype: DType,
     ) -> anyhow::Result<Self> {
-        let fingerprint = fingerprint(ckpt)?;
-        let model = Self::new(ckpt.var_builder(dtype, device), config, fingerprint)?;
+        if device.is_cpu() && dtype == DType::BF16 {
+            bail!("bf16 is not supported on the CPU (candle has no bf16 matmul there): use f16 or f32");
+        }
+        let mut model = Self::new(ckpt.var_builder(dtype, device), config, String::new())?;
         ckpt.ensure_all_used(DERIVED)?;
+        model.fingerprint = fingerprint(ckpt)?;
         Ok(model)
     }
 
@@ -306,15 +310,16 @@ fn pad_slot_sets<'a>(sets: impl Iterator<Item = &'a Tensor>) -> Result<(Tensor, 
     Ok((Tensor::stack(&padded, 0)?, Some(Tensor::from_vec(mask, (sets.len(), k_max), device)?)))
 }
 
-/// A short hex digest of every tensor's name, shape and values (independent of file format,
-/// so a `.pth` and its converted safetensors share it).
+/// A short hex digest of the name, shape and values of every tensor the model uses
+/// (independent of file format and of unused buffers, so a `.pth` and its converted
+/// safetensors share it).
 fn fingerprint(ckpt: &Checkpoint) -> Result<String> {
     let shapes = ckpt.shapes();
     let mut hasher = Sha256::new();
-    for (name, dims) in shapes.iter() {
+    for name in ckpt.used_names() {
         hasher.update(name.as_bytes());
-        hasher.update(format!("{dims:?}").as_bytes());
-        let values = ckpt.peek(name)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        hasher.update(format!("{:?}", shapes.dims(&name)?).as_bytes());
+        let values = ckpt.peek(&name)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         hasher.update(values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
     }
     let digest = hasher.finalize();

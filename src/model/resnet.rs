@@ -46,6 +46,13 @@ impl ResNetConfig {
     pub fn stride(&self) -> usize {
         1 << (self.blocks.len() - 1)
     }
+
+    /// Side of the feature map for an image side of `n` pixels: each stage after the first
+    /// halves it rounding up (3×3 and 1×1 convolutions of stride 2, padding 1 and 0), so
+    /// sides that are not multiples of [`ResNetConfig::stride`] round up.
+    pub fn grid_side(&self, n: usize) -> usize {
+        (1..self.blocks.len()).fold(n, |n, _| n.div_ceil(2))
+    }
 }
 
 fn conv(in_c: usize, out_c: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {

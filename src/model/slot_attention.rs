@@ -108,44 +108,64 @@ impl SlotAttention {
         })
     }
 
+    /// The learned initial slots [1, K, D] (`init_latents`).
+    pub fn init_latents(&self) -> &Tensor {
+        &self.init_latents
+    }
+
     /// Slots [B, K, D] and masks [B, K, N] from features [B, N, C]. Slots start from the
-    /// learned `init_latents`, or from `init` [B, K', D] (any K') when given.
+    /// learned `init_latents`, or from `init` [B, K', D] (any K') when given, as the official
+    /// `encode(img, init_slots)`. Each sample is independent of the others in the batch. The
+    /// masks are the last iteration's attention normalised over slots (before the `eps`).
     pub fn forward(&self, inputs: &Tensor, init: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let (b, _, _) = inputs.dims3()?;
-        let mut slots = match init {
-            Some(s) => s.clone(),
-            None => self
-                .init_latents
-                .broadcast_as((b, self.cfg.num_slots, self.cfg.slot_size))?
-                .contiguous()?,
-        };
-        let (_, k, d) = slots.dims3()?;
+        let mut slots = self.initial_slots(b, init)?;
         let inputs = self.norm_inputs.forward(inputs)?;
         let keys = self.project_k.forward(&inputs)?;
         let values = self.project_v.forward(&inputs)?;
-        let scale = (d as f64).powf(-0.5);
-        let mut masks = None;
+        let mut attn = None;
         for _ in 0..self.cfg.num_iterations {
-            let q = self.project_q.forward(&self.q_norm.forward(&slots)?)?;
-            let logits = (keys.matmul(&q.transpose(1, 2)?)? * scale)?; // [B, N, K]
-            let attn = candle_nn::ops::softmax_last_dim(&logits)?;
-            let weights = (&attn + ATTN_EPS)?;
-            let weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
-            let updates = weights.transpose(1, 2)?.matmul(&values)?; // [B, K, D]
-            let next =
-                self.gru.forward(&updates.reshape((b * k, d))?, &slots.reshape((b * k, d))?)?;
-            let next = next.reshape((b, k, d))?;
-            let mlp = self
-                .mlp_out
-                .forward(&self.mlp_in.forward(&self.mlp_norm.forward(&next)?)?.relu()?)?;
-            slots = (next + mlp)?;
-            masks = Some(attn);
+            let (next, a) = self.iterate(&slots, &keys, &values)?;
+            slots = next;
+            attn = Some(a);
         }
-        let masks = match masks {
-            Some(m) => m.transpose(1, 2)?.contiguous()?,
+        match attn {
+            Some(a) => Ok((slots, a.transpose(1, 2)?.contiguous()?)),
             None => candle_core::bail!("slot attention needs at least one iteration"),
+        }
+    }
+
+    /// The starting slots of a batch of `b`: `init` after checking its shape, else the
+    /// learned ones repeated.
+    fn initial_slots(&self, b: usize, init: Option<&Tensor>) -> Result<Tensor> {
+        let d = self.cfg.slot_size;
+        let Some(init) = init else {
+            return self.init_latents.broadcast_as((b, self.cfg.num_slots, d))?.contiguous();
         };
-        Ok((slots, masks))
+        let (ib, k, id) = init.dims3()?;
+        if (ib, id) != (b, d) || k == 0 {
+            candle_core::bail!(
+                "initial slots have shape {:?}, expected [{b}, K ≥ 1, {d}]",
+                init.dims()
+            );
+        }
+        Ok(init.clone())
+    }
+
+    /// One round: slots [B, K, D] compete for the inputs' keys and values [B, N, D]; returns
+    /// the updated slots and the attention [B, N, K] normalised over slots.
+    fn iterate(&self, slots: &Tensor, keys: &Tensor, values: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, k, d) = slots.dims3()?;
+        let q = self.project_q.forward(&self.q_norm.forward(slots)?)?;
+        let logits = (keys.matmul(&q.transpose(1, 2)?)? * (d as f64).powf(-0.5))?;
+        let attn = candle_nn::ops::softmax_last_dim(&logits)?;
+        let weights = (&attn + ATTN_EPS)?;
+        let weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
+        let updates = weights.transpose(1, 2)?.matmul(values)?; // [B, K, D]
+        let next = self.gru.forward(&updates.reshape((b * k, d))?, &slots.reshape((b * k, d))?)?;
+        let next = next.reshape((b, k, d))?;
+        let hidden = self.mlp_in.forward(&self.mlp_norm.forward(&next)?)?.relu()?;
+        Ok(((&next + self.mlp_out.forward(&hidden)?)?, attn))
     }
 }
 
@@ -184,4 +204,75 @@ pub fn upsample_masks(
 /// Hard segmentation [B, H, W] (u32 slot ids): the argmax of masks [B, K, H, W] over slots.
 pub fn segmentation(masks: &Tensor) -> Result<Tensor> {
     masks.argmax(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    fn module() -> SlotAttention {
+        let cfg = SlotAttentionConfig {
+            num_slots: 4,
+            slot_size: 8,
+            in_features: 6,
+            mlp_hidden_size: 16,
+            num_iterations: 3,
+        };
+        let map = VarMap::new();
+        SlotAttention::new(VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu), &cfg).unwrap()
+    }
+
+    #[test]
+    fn bilinear_weights_are_pytorchs() {
+        // F.interpolate(size=4, mode='bilinear', align_corners=False) of [a, b]:
+        // [a, 0.75a + 0.25b, 0.25a + 0.75b, b] (sources clamped at the borders).
+        assert_eq!(bilinear_matrix(2, 4), [1.0, 0.0, 0.75, 0.25, 0.25, 0.75, 0.0, 1.0]);
+        let identity = bilinear_matrix(5, 5);
+        for (i, v) in identity.iter().enumerate() {
+            assert_eq!(*v, if i % 6 == 0 { 1.0 } else { 0.0 });
+        }
+    }
+
+    #[test]
+    fn samples_do_not_influence_each_other() {
+        let sa = module();
+        let inputs = Tensor::randn(0f32, 1.0, (2, 10, 6), &Device::Cpu).unwrap();
+        let (slots, masks) = sa.forward(&inputs, None).unwrap();
+        assert_eq!((slots.dims(), masks.dims()), (&[2, 4, 8][..], &[2, 4, 10][..]));
+        for i in 0..2 {
+            let (one, one_masks) = sa.forward(&inputs.narrow(0, i, 1).unwrap(), None).unwrap();
+            let d = (one - slots.narrow(0, i, 1).unwrap()).unwrap().abs().unwrap();
+            assert!(d.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-6);
+            let d = (one_masks - masks.narrow(0, i, 1).unwrap()).unwrap().abs().unwrap();
+            assert!(d.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-6);
+        }
+        let total = masks.sum(1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(total.iter().all(|t| (t - 1.0).abs() < 1e-5), "masks sum to one over slots");
+    }
+
+    #[test]
+    fn custom_initial_slots_set_the_slot_count() {
+        let sa = module();
+        let inputs = Tensor::randn(0f32, 1.0, (2, 10, 6), &Device::Cpu).unwrap();
+        let init = Tensor::randn(0f32, 1.0, (2, 3, 8), &Device::Cpu).unwrap();
+        let (slots, masks) = sa.forward(&inputs, Some(&init)).unwrap();
+        assert_eq!((slots.dims(), masks.dims()), (&[2, 3, 8][..], &[2, 3, 10][..]));
+        let wrong = Tensor::zeros((2, 3, 7), DType::F32, &Device::Cpu).unwrap();
+        assert!(sa.forward(&inputs, Some(&wrong)).is_err());
+        let wrong_batch = Tensor::zeros((1, 3, 8), DType::F32, &Device::Cpu).unwrap();
+        assert!(sa.forward(&inputs, Some(&wrong_batch)).is_err());
+    }
+
+    #[test]
+    fn upsampled_masks_keep_their_grid_values_at_the_same_size() {
+        let masks = Tensor::rand(0f32, 1.0, (1, 2, 12), &Device::Cpu).unwrap();
+        let same = upsample_masks(&masks, (3, 4), (3, 4)).unwrap();
+        let d = (same.flatten_from(2).unwrap() - &masks).unwrap().abs().unwrap();
+        assert_eq!(d.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        let up = upsample_masks(&masks, (3, 4), (7, 9)).unwrap();
+        assert_eq!(up.dims(), &[1, 2, 7, 9]);
+        assert_eq!(segmentation(&up).unwrap().dims(), &[1, 7, 9]);
+    }
 }

@@ -53,6 +53,12 @@ impl ViTConfig {
         })
     }
 
+    /// Side of the patch grid for an image side of `n` pixels (incomplete patches at the
+    /// right and bottom edges are dropped, as by the stride-`p` patch convolution).
+    pub fn grid_side(&self, n: usize) -> usize {
+        n / self.patch_size
+    }
+
     /// The candle-transformers configuration of the same network.
     fn layers_config(&self) -> vit::Config {
         vit::Config {
@@ -187,7 +193,6 @@ pub struct ViT {
     embeddings: Embeddings,
     encoder: vit::Encoder,
     layernorm: LayerNorm,
-    patch_size: usize,
 }
 
 impl ViT {
@@ -197,13 +202,7 @@ impl ViT {
             embeddings: Embeddings::new(vb.pp("embeddings"), cfg)?,
             encoder: vit::Encoder::new(&cfg.layers_config(), vb.pp("encoder"))?,
             layernorm: layer_norm(cfg.hidden_size, LAYER_NORM_EPS, vb.pp("layernorm"))?,
-            patch_size: cfg.patch_size,
         })
-    }
-
-    /// How much smaller the feature map is than the image, per side.
-    pub fn stride(&self) -> usize {
-        self.patch_size
     }
 }
 
@@ -263,15 +262,27 @@ mod tests {
     fn bicubic_rows_sum_to_one_and_keep_ramps() {
         for (n, m) in [(28, 28), (28, 40), (28, 16), (4, 7)] {
             let w = bicubic_matrix(n, m);
+            let scale = n as f32 / m as f32;
             for o in 0..m {
                 let row = &w[o * n..(o + 1) * n];
                 assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
-            }
-            if n == m {
-                for o in 0..m {
-                    assert!((w[o * n + o] - 1.0).abs() < 1e-6, "identity at the native size");
+                // Away from the clamped borders, cubic convolution reproduces a linear ramp.
+                let src = (o as f32 + 0.5) * scale - 0.5;
+                if src >= 1.0 && src <= (n - 3) as f32 {
+                    let ramp: f32 = row.iter().enumerate().map(|(i, v)| i as f32 * v).sum();
+                    assert!((ramp - src).abs() < 1e-4, "{n}→{m} output {o}: {ramp} vs {src}");
+                }
+                if n == m {
+                    assert!((row[o] - 1.0).abs() < 1e-6, "identity at the native size");
                 }
             }
+        }
+        // [0, 1] → 4 samples, worked out by hand from PyTorch's rule (A = −0.75, taps clamped
+        // to the border): the overshoot at both ends is the bicubic kernel's negative lobe.
+        let w = bicubic_matrix(2, 4);
+        let up: Vec<f32> = (0..4).map(|o| w[o * 2 + 1]).collect();
+        for (got, want) in up.iter().zip([-0.105_468_75, 0.226_562_5, 0.773_437_5, 1.105_468_75]) {
+            assert!((got - want).abs() < 1e-6, "{up:?}");
         }
     }
 }

@@ -1,8 +1,13 @@
 //! The taming-transformers VQ-VAE that gives SlotDiffusion its latent space: an encoder to a
 //! small latent map, a codebook that snaps latents to the nearest entry, and a decoder back
 //! to pixels (official `vqvae/modules.py`, `VQVAE.py`, `quantize.py`).
+//!
+//! Latent diffusion runs on the *unquantized* encoder output ([`VqVae::encode`]); the sampler
+//! snaps its predictions to the codebook ([`VqVae::quantize`]) and the final latent is decoded
+//! with [`VqVae::decode`], which quantizes first. No latent scale factor applies (the official
+//! `VQVAEWrapper` is built with `scale_factor = 1`).
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{bail, Module, Result, Tensor, D};
 use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -13,41 +18,49 @@ const NORM_EPS: f64 = 1e-6;
 /// Groups of every VQ-VAE GroupNorm.
 const NORM_GROUPS: usize = 32;
 
-/// Sizes of the VQ-VAE; all readable from a checkpoint's shapes.
+/// Sizes of the VQ-VAE; all readable from a checkpoint's shapes ([`VqVaeConfig::infer`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VqVaeConfig {
-    /// Image channels in and out (3).
+    /// Image channels, in and out (3; the official `in_channels` and `out_ch` are equal).
     pub in_channels: usize,
     /// Base width (`ch`); level i has `ch * ch_mult[i]` channels.
     pub ch: usize,
-    /// Width multipliers per resolution level; len − 1 downsamplings by 2.
+    /// Width multipliers per resolution level; `len − 1` downsamplings by 2.
     pub ch_mult: Vec<usize>,
-    /// Residual blocks per encoder level (the decoder has one more).
+    /// Residual blocks per encoder level (each decoder level has one more).
     pub num_res_blocks: usize,
-    /// Channels of the encoder output / decoder input (`z_channels`).
+    /// Channels of the encoder output and the decoder input (`z_channels`).
     pub z_channels: usize,
     /// Codebook entries (`n_embed`).
     pub n_embed: usize,
-    /// Width of a codebook entry, i.e. the latent channels the diffusion model sees.
+    /// Width of a codebook entry: the latent channels the diffusion model sees (`embed_dim`).
     pub embed_dim: usize,
 }
 
 impl VqVaeConfig {
     /// Reads every size from the tensors under `prefix` (e.g. `dm_decoder.vae.vqvae`).
+    /// Fails on layouts the official image configs never use (attention inside the levels,
+    /// i.e. a non-empty `attn_resolutions`; different input and output channels).
     pub fn infer(shapes: &ShapeMap, prefix: &str) -> Result<Self> {
         let key = |k: &str| format!("{prefix}.{k}");
         let ch = shapes.dim(&key("encoder.conv_in.weight"), 0)?;
         let levels = shapes.count_indexed(&key("encoder.down"));
         let ch_mult = (0..levels)
-            .map(|i| {
-                Ok(shapes.dim(&key(&format!("encoder.down.{i}.block.0.conv1.weight")), 0)? / ch)
-            })
+            .map(|i| Ok(shapes.dim(&key(&format!("encoder.down.{i}.block.0.conv1.weight")), 0)? / ch))
             .collect::<Result<Vec<_>>>()?;
+        if (0..levels).any(|i| shapes.count_indexed(&key(&format!("encoder.down.{i}.attn"))) > 0) {
+            bail!("{prefix}: attention inside the VQ-VAE levels (attn_resolutions) is not supported");
+        }
+        let in_channels = shapes.dim(&key("encoder.conv_in.weight"), 1)?;
+        let out_channels = shapes.dim(&key("decoder.conv_out.weight"), 0)?;
+        if in_channels != out_channels {
+            bail!("{prefix}: {in_channels} input but {out_channels} output channels");
+        }
         let [n_embed, embed_dim] = shapes.dims(&key("quantize.embedding.weight"))? else {
-            candle_core::bail!("{prefix}.quantize.embedding.weight must be 2-d");
+            bail!("{prefix}.quantize.embedding.weight must be 2-d");
         };
         Ok(Self {
-            in_channels: shapes.dim(&key("encoder.conv_in.weight"), 1)?,
+            in_channels,
             ch,
             ch_mult,
             num_res_blocks: shapes.count_indexed(&key("encoder.down.0.block")),
@@ -63,6 +76,8 @@ impl VqVaeConfig {
     }
 }
 
+/// A `k`×`k` convolution; 3×3 ones keep the size (padding 1) unless strided, where the
+/// official code pads by hand (see [`Resample::Down`]).
 fn conv(in_c: usize, out_c: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
     let padding = if k == 3 && stride == 1 { 1 } else { 0 };
     conv2d(in_c, out_c, k, Conv2dConfig { padding, stride, ..Default::default() }, vb)
@@ -74,10 +89,10 @@ fn norm(c: usize, vb: VarBuilder) -> Result<GroupNorm> {
 
 /// GroupNorm then swish, the pre-activation of every block.
 fn norm_swish(norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::silu(&norm.forward(x)?)
+    norm.forward(x)?.silu()
 }
 
-/// Pre-activation residual block with an optional 1×1 shortcut when widths differ.
+/// Pre-activation residual block with a 1×1 shortcut (`nin_shortcut`) when widths differ.
 #[derive(Debug, Clone)]
 struct ResnetBlock {
     norm1: GroupNorm,
@@ -89,11 +104,8 @@ struct ResnetBlock {
 
 impl ResnetBlock {
     fn new(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Self> {
-        let nin_shortcut = if in_c != out_c {
-            Some(conv(in_c, out_c, 1, 1, vb.pp("nin_shortcut"))?)
-        } else {
-            None
-        };
+        let nin_shortcut =
+            (in_c != out_c).then(|| conv(in_c, out_c, 1, 1, vb.pp("nin_shortcut"))).transpose()?;
         Ok(Self {
             norm1: norm(in_c, vb.pp("norm1"))?,
             conv1: conv(in_c, out_c, 3, 1, vb.pp("conv1"))?,
@@ -115,7 +127,8 @@ impl Module for ResnetBlock {
     }
 }
 
-/// Single-head spatial self-attention of the middle blocks.
+/// Single-head spatial self-attention of the middle blocks (1×1 convolutions for q, k, v
+/// and the output projection; logits scaled by `c^-1/2`).
 #[derive(Debug, Clone)]
 struct AttnBlock {
     norm: GroupNorm,
@@ -141,13 +154,14 @@ impl Module for AttnBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let hn = self.norm.forward(x)?;
-        let tokens = |conv: &Conv2d| conv.forward(&hn)?.reshape((b, c, h * w));
-        let q = tokens(&self.q)?.transpose(1, 2)?.contiguous()?; // [b, hw, c]
-        let k = tokens(&self.k)?; // [b, c, hw]
-        let v = tokens(&self.v)?; // [b, c, hw]
+        let channels_first = |conv: &Conv2d| conv.forward(&hn)?.reshape((b, c, h * w));
+        let q = channels_first(&self.q)?.transpose(1, 2)?.contiguous()?; // [b, hw, c]
+        let k = channels_first(&self.k)?; // [b, c, hw]
+        let v = channels_first(&self.v)?.transpose(1, 2)?.contiguous()?; // [b, hw, c]
         let weights = (q.matmul(&k)? * (c as f64).powf(-0.5))?;
         let weights = candle_nn::ops::softmax_last_dim(&weights)?; // [b, hw_q, hw_k]
-        let out = v.matmul(&weights.transpose(1, 2)?.contiguous()?)?.reshape((b, c, h, w))?;
+        // Transposing the small [hw, c] result instead of the [hw, hw] weights.
+        let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         x + self.proj_out.forward(&out)?
     }
 }
@@ -176,57 +190,57 @@ impl Module for MidBlock {
     }
 }
 
-/// One resolution level: residual blocks, then an optional resampling convolution.
+/// How a level changes the resolution after its residual blocks.
+#[derive(Debug, Clone)]
+enum Resample {
+    /// Last level of the encoder or the decoder.
+    Keep,
+    /// Pad (0, 1, 0, 1), then a 3×3 stride-2 convolution (`downsample.conv`).
+    Down(Conv2d),
+    /// Nearest ×2, then a 3×3 convolution (`upsample.conv`).
+    Up(Conv2d),
+}
+
+impl Module for Resample {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Keep => Ok(x.clone()),
+            Self::Down(conv) => {
+                conv.forward(&x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?)
+            }
+            Self::Up(conv) => {
+                let (_, _, h, w) = x.dims4()?;
+                conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+            }
+        }
+    }
+}
+
+/// One resolution level: residual blocks (`block.N`), then the resampling.
 #[derive(Debug, Clone)]
 struct Level {
     blocks: Vec<ResnetBlock>,
-    resample: Option<Conv2d>,
+    resample: Resample,
 }
 
 impl Level {
-    fn new(
-        widths: &[(usize, usize)],
-        resample: Option<(usize, usize)>,
-        vb: &VarBuilder,
-    ) -> Result<Self> {
-        let blocks = widths
-            .iter()
-            .enumerate()
-            .map(|(i, &(i_c, o_c))| ResnetBlock::new(i_c, o_c, vb.pp("block").pp(i)))
+    /// `blocks` residual blocks from `in_c` to `out_c` channels (the first one changes width).
+    fn new(in_c: usize, out_c: usize, blocks: usize, resample: Resample, vb: VarBuilder) -> Result<Self> {
+        let blocks = (0..blocks)
+            .map(|i| ResnetBlock::new(if i == 0 { in_c } else { out_c }, out_c, vb.pp("block").pp(i)))
             .collect::<Result<_>>()?;
-        let resample = match resample {
-            // Downsampling: pad (0, 1, 0, 1), then a 3×3 stride-2 convolution.
-            Some((c, 2)) => Some(conv(c, c, 3, 2, vb.pp("downsample.conv"))?),
-            // Upsampling: nearest ×2, then a 3×3 convolution.
-            Some((c, _)) => Some(conv(c, c, 3, 1, vb.pp("upsample.conv"))?),
-            None => None,
-        };
         Ok(Self { blocks, resample })
-    }
-
-    fn forward_down(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.blocks.iter().try_fold(x.clone(), |h, b| b.forward(&h))?;
-        match &self.resample {
-            Some(conv) => {
-                conv.forward(&h.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?)
-            }
-            None => Ok(h),
-        }
-    }
-
-    fn forward_up(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.blocks.iter().try_fold(x.clone(), |h, b| b.forward(&h))?;
-        match &self.resample {
-            Some(conv) => {
-                let (_, _, hh, ww) = h.dims4()?;
-                conv.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)
-            }
-            None => Ok(h),
-        }
     }
 }
 
-/// Image → pre-quantization latent.
+impl Module for Level {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.blocks.iter().try_fold(x.clone(), |h, b| b.forward(&h))?;
+        self.resample.forward(&h)
+    }
+}
+
+/// Image → pre-quantization latent (`z_channels` wide).
 #[derive(Debug, Clone)]
 struct Encoder {
     conv_in: Conv2d,
@@ -243,11 +257,13 @@ impl Encoder {
         let mut down = Vec::with_capacity(levels);
         for (i, m) in cfg.ch_mult.iter().enumerate() {
             let c_out = cfg.ch * m;
-            let widths: Vec<_> = (0..cfg.num_res_blocks)
-                .map(|j| (if j == 0 { c_in } else { c_out }, c_out))
-                .collect();
-            let resample = (i + 1 < levels).then_some((c_out, 2));
-            down.push(Level::new(&widths, resample, &vb.pp("down").pp(i))?);
+            let vb = vb.pp("down").pp(i);
+            let resample = if i + 1 < levels {
+                Resample::Down(conv(c_out, c_out, 3, 2, vb.pp("downsample.conv"))?)
+            } else {
+                Resample::Keep
+            };
+            down.push(Level::new(c_in, c_out, cfg.num_res_blocks, resample, vb)?);
             c_in = c_out;
         }
         Ok(Self {
@@ -263,18 +279,18 @@ impl Encoder {
 impl Module for Encoder {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.conv_in.forward(x)?;
-        let h = self.down.iter().try_fold(h, |h, l| l.forward_down(&h))?;
+        let h = self.down.iter().try_fold(h, |h, l| l.forward(&h))?;
         let h = self.mid.forward(&h)?;
         self.conv_out.forward(&norm_swish(&self.norm_out, &h)?)
     }
 }
 
-/// Latent → image.
+/// Post-quantization latent → image.
 #[derive(Debug, Clone)]
 struct Decoder {
     conv_in: Conv2d,
     mid: MidBlock,
-    /// Levels from the coarsest to the finest (checkpoint index `up.{levels-1}` first).
+    /// Levels in the order they run, coarsest first (checkpoint index `up.{levels-1}` first).
     up: Vec<Level>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -289,11 +305,13 @@ impl Decoder {
         let mut up = Vec::with_capacity(levels);
         for i in (0..levels).rev() {
             let c_out = cfg.ch * cfg.ch_mult[i];
-            let widths: Vec<_> = (0..=cfg.num_res_blocks)
-                .map(|j| (if j == 0 { c_in } else { c_out }, c_out))
-                .collect();
-            let resample = (i > 0).then_some((c_out, 1));
-            up.push(Level::new(&widths, resample, &vb.pp("up").pp(i))?);
+            let vb = vb.pp("up").pp(i);
+            let resample = if i > 0 {
+                Resample::Up(conv(c_out, c_out, 3, 1, vb.pp("upsample.conv"))?)
+            } else {
+                Resample::Keep
+            };
+            up.push(Level::new(c_in, c_out, cfg.num_res_blocks + 1, resample, vb)?);
             c_in = c_out;
         }
         Ok(Self {
@@ -309,12 +327,13 @@ impl Decoder {
 impl Module for Decoder {
     fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let h = self.mid.forward(&self.conv_in.forward(z)?)?;
-        let h = self.up.iter().try_fold(h, |h, l| l.forward_up(&h))?;
+        let h = self.up.iter().try_fold(h, |h, l| l.forward(&h))?;
         self.conv_out.forward(&norm_swish(&self.norm_out, &h)?)
     }
 }
 
-/// The VQ-VAE: encode, snap to the codebook, decode.
+/// The VQ-VAE: encode, snap to the codebook, decode. Weights under the official names
+/// (`encoder.*`, `decoder.*`, `quantize.embedding.weight`, `quant_conv`, `post_quant_conv`).
 #[derive(Debug, Clone)]
 pub struct VqVae {
     encoder: Encoder,
@@ -323,16 +342,17 @@ pub struct VqVae {
     post_quant_conv: Conv2d,
     /// Codebook [n_embed, embed_dim].
     codebook: Tensor,
-    /// Squared norm of each codebook entry [n_embed], precomputed for nearest-entry search.
+    /// Squared norm of each codebook entry [1, n_embed], for the nearest-entry search.
     codebook_sq: Tensor,
     cfg: VqVaeConfig,
 }
 
 impl VqVae {
-    /// Builds the VQ-VAE from tensors named as in the official checkpoints.
+    /// Builds the VQ-VAE from tensors named as in the official checkpoints (`vb` at the
+    /// VQ-VAE's prefix, e.g. `dm_decoder.vae.vqvae`).
     pub fn new(vb: VarBuilder, cfg: &VqVaeConfig) -> Result<Self> {
         let codebook = vb.get((cfg.n_embed, cfg.embed_dim), "quantize.embedding.weight")?;
-        let codebook_sq = codebook.sqr()?.sum(1)?;
+        let codebook_sq = codebook.sqr()?.sum_keepdim(1)?.t()?;
         Ok(Self {
             encoder: Encoder::new(cfg, vb.pp("encoder"))?,
             decoder: Decoder::new(cfg, vb.pp("decoder"))?,
@@ -344,19 +364,25 @@ impl VqVae {
         })
     }
 
+    /// The sizes this VQ-VAE was built with.
+    pub fn config(&self) -> &VqVaeConfig {
+        &self.cfg
+    }
+
     /// How much smaller the latent map is than the image, per side.
     pub fn downsample_factor(&self) -> usize {
         self.cfg.downsample_factor()
     }
 
-    /// Image [B, 3, H, W] in [-1, 1] → latent [B, embed_dim, H/f, W/f], not quantized (the
-    /// x0 that latent diffusion is trained on).
+    /// Image [B, C, H, W] in [-1, 1] → latent [B, embed_dim, H/f, W/f]: encoder, then
+    /// `quant_conv`, *not* quantized (the x0 that the latent diffusion model is trained on).
     pub fn encode(&self, img: &Tensor) -> Result<Tensor> {
         self.quant_conv.forward(&self.encoder.forward(img)?)
     }
 
-    /// Codebook index of each latent position [B, h, w]: the nearest entry by squared L2
-    /// distance, computed as ‖z‖² + ‖e‖² − 2 z·e as the official quantizer does.
+    /// Codebook index [B, h, w] (u32) of each latent position: the nearest entry by squared
+    /// L2 distance, computed as `‖z‖² + ‖e‖² − 2 z·e` like the official quantizer; ties go to
+    /// the lowest index, as `torch.argmin` does.
     pub fn code_indices(&self, z: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = z.dims4()?;
         let flat =
@@ -364,29 +390,36 @@ impl VqVae {
         let dist = flat
             .sqr()?
             .sum_keepdim(1)?
-            .broadcast_add(&self.codebook_sq.unsqueeze(0)?)?
+            .broadcast_add(&self.codebook_sq)?
             .broadcast_sub(&(flat.matmul(&self.codebook.t()?)? * 2.0)?)?;
         dist.argmin(1)?.reshape((b, h, w))
     }
 
-    /// Snaps every latent position to its nearest codebook entry.
+    /// Latent [B, embed_dim, h, w] with every position snapped to its nearest codebook entry.
+    ///
+    /// The value is computed as the official straight-through estimator does in its forward
+    /// pass, `z + (e − z)`, which can differ from the entry `e` in the last bit; so
+    /// `quantize(quantize(z))` has the same codes as `quantize(z)` and equal values up to
+    /// one rounding.
     pub fn quantize(&self, z: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = z.dims4()?;
         let idx = self.code_indices(z)?.flatten_all()?;
-        self.codebook
+        let entries = self
+            .codebook
             .index_select(&idx, 0)?
             .reshape((b, h, w, c))?
             .permute((0, 3, 1, 2))?
-            .contiguous()?
-            .to_dtype(z.dtype())
+            .to_dtype(z.dtype())?;
+        z + (entries - z)?
     }
 
-    /// Latent → image: quantize, `post_quant_conv`, decoder (the official `decode`).
+    /// Latent → image [B, C, H, W]: quantize, `post_quant_conv`, decoder (the official
+    /// `VQVAEWrapper.decode`, used on the sampler's final latent).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         self.decode_quantized(&self.quantize(z)?)
     }
 
-    /// Already-quantized latent → image.
+    /// Already-quantized latent → image (the official `VQVAE.decode`, no snapping).
     pub fn decode_quantized(&self, z: &Tensor) -> Result<Tensor> {
         self.decoder.forward(&self.post_quant_conv.forward(z)?)
     }

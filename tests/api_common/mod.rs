@@ -181,6 +181,12 @@ pub fn decode_png(b64: &Value) -> RgbImage {
     image::load_from_memory(&bytes).expect("PNG").to_rgb8()
 }
 
+/// The values of a slot set in a response.
+pub fn slot_values(set: &Value) -> Vec<f32> {
+    let bytes = STANDARD.decode(set["data"].as_str().expect("slot data")).expect("base64");
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
 /// Largest per-channel difference between two images, in 1/255 units.
 pub fn max_pixel_diff(a: &RgbImage, b: &RgbImage) -> u8 {
     assert_eq!(a.dimensions(), b.dimensions());

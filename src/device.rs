@@ -33,7 +33,9 @@ impl DeviceChoice {
             }
             Self::Metal => {
                 if !cfg!(feature = "metal") {
-                    bail!("this slotserve was built without Metal: rebuild with `--features metal`");
+                    bail!(
+                        "this slotserve was built without Metal: rebuild with `--features metal`"
+                    );
                 }
                 Ok(Device::new_metal(0)?)
             }

@@ -163,7 +163,9 @@ impl<'a> Layout<'a> {
             .iter()
             .enumerate()
             .map(|(image, &k)| {
-                (0..k).map(|slot| Place { home: Some(slot), holds: SlotRef { image, slot } }).collect()
+                (0..k)
+                    .map(|slot| Place { home: Some(slot), holds: SlotRef { image, slot } })
+                    .collect()
             })
             .collect();
         Self { counts, images, touched: vec![false; counts.len()], composed: Vec::new() }
@@ -181,7 +183,10 @@ impl<'a> Layout<'a> {
     fn exists(&self, r: SlotRef) -> Result<SlotRef, String> {
         let count = self.counts[self.image(r.image)?];
         if r.slot >= count {
-            return Err(format!("slot {} of image {} does not exist (it has {count} slots)", r.slot, r.image));
+            return Err(format!(
+                "slot {} of image {} does not exist (it has {count} slots)",
+                r.slot, r.image
+            ));
         }
         Ok(r)
     }
@@ -189,10 +194,9 @@ impl<'a> Layout<'a> {
     /// Position of the place that input slot `r` started as; an error once it was removed.
     fn position(&self, r: SlotRef) -> Result<usize, String> {
         self.exists(r)?;
-        self.images[r.image]
-            .iter()
-            .position(|p| p.home == Some(r.slot))
-            .ok_or_else(|| format!("slot {} of image {} was removed by an earlier operation", r.slot, r.image))
+        self.images[r.image].iter().position(|p| p.home == Some(r.slot)).ok_or_else(|| {
+            format!("slot {} of image {} was removed by an earlier operation", r.slot, r.image)
+        })
     }
 
     fn swap(&mut self, a: SlotRef, b: SlotRef) -> Result<(), String> {
@@ -248,12 +252,13 @@ impl<'a> Layout<'a> {
     }
 
     fn finish(self) -> Result<Vec<EditedSet>, EditError> {
-        let edited = self.images.into_iter().zip(self.touched).enumerate().filter(|(_, (_, t))| *t).map(
-            |(i, (places, _))| EditedSet {
-                origin: Origin::Image(i),
-                slots: places.iter().map(|p| p.holds).collect(),
-            },
-        );
+        let edited =
+            self.images.into_iter().zip(self.touched).enumerate().filter(|(_, (_, t))| *t).map(
+                |(i, (places, _))| EditedSet {
+                    origin: Origin::Image(i),
+                    slots: places.iter().map(|p| p.holds).collect(),
+                },
+            );
         let composed = self
             .composed
             .into_iter()
@@ -328,7 +333,11 @@ pub fn drop_slots(set: &SlotSet, indices: &[usize]) -> Result<SlotSet, EditError
 }
 
 /// Applies an optional `keep` or `drop` selection (at most one of them) to a set.
-pub fn select(set: &SlotSet, keep: Option<&[usize]>, drop: Option<&[usize]>) -> Result<SlotSet, EditError> {
+pub fn select(
+    set: &SlotSet,
+    keep: Option<&[usize]>,
+    drop: Option<&[usize]>,
+) -> Result<SlotSet, EditError> {
     match (keep, drop) {
         (Some(_), Some(_)) => Err(EditError::KeepAndDrop),
         (Some(k), None) => keep_slots(set, k),
@@ -376,7 +385,10 @@ mod tests {
         assert_eq!(ids(&out[0].1), vec![(0, 0), (0, 2), (0, 4)]);
         let again = [EditOp::Remove { image: 0, slot: 1 }, EditOp::Swap { a: r(0, 1), b: r(0, 2) }];
         let err = plan(&[5], &again).unwrap_err();
-        assert!(err.to_string().contains("operation 1 (swap)") && err.to_string().contains("removed"), "{err}");
+        assert!(
+            err.to_string().contains("operation 1 (swap)") && err.to_string().contains("removed"),
+            "{err}"
+        );
     }
 
     #[test]

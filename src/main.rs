@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use slotserve::api::{self, ServeArgs};
 use slotserve::commands::{self, RenderSpec, RenderStart, SlotSelection};
 use slotserve::config::{ModelConfig, Preset};
 use slotserve::data::{self, SceneConfig};
@@ -60,6 +61,8 @@ impl std::str::FromStr for Indices {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the model over HTTP (the embedded default model unless --model names another).
+    Serve(ServeArgs),
     /// Convert an official checkpoint (.pth) into config.json + model.safetensors.
     Convert {
         /// The official preset the checkpoint follows.
@@ -151,6 +154,10 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
+        Command::Serve(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(api::serve(args))?;
+        }
         Command::Convert { preset, checkpoint, out, dtype } => {
             let config = commands::convert(&checkpoint, preset, &out, dtype.dtype())?;
             println!("{}: {} → {}", config.name, checkpoint.display(), out.display());

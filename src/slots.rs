@@ -122,7 +122,11 @@ pub struct SlotSet {
 impl SlotSet {
     /// A set of `values.len() / slot_size` slots; the values must be finite and fill whole
     /// slots, and there must be at least one.
-    pub fn new(slot_size: usize, values: Vec<f32>, model: impl Into<String>) -> Result<Self, SlotError> {
+    pub fn new(
+        slot_size: usize,
+        values: Vec<f32>,
+        model: impl Into<String>,
+    ) -> Result<Self, SlotError> {
         if values.is_empty() {
             return Err(SlotError::Empty);
         }
@@ -131,7 +135,11 @@ impl SlotSet {
             return Err(SlotError::Shape(vec![num_slots, slot_size]));
         }
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(SlotError::NonFinite { slot: i / slot_size, index: i % slot_size, value: values[i] });
+            return Err(SlotError::NonFinite {
+                slot: i / slot_size,
+                index: i % slot_size,
+                value: values[i],
+            });
         }
         Ok(Self { num_slots, slot_size, values, model: model.into() })
     }
@@ -196,17 +204,23 @@ impl SlotSetJson {
             return Err(SlotError::SlotCount { got: k, max: spec.max_slots });
         }
         if self.model != spec.fingerprint {
-            return Err(SlotError::Model { got: self.model.clone(), expected: spec.fingerprint.clone() });
+            return Err(SlotError::Model {
+                got: self.model.clone(),
+                expected: spec.fingerprint.clone(),
+            });
         }
         if d != spec.slot_size {
             return Err(SlotError::SlotSize { got: d, expected: spec.slot_size });
         }
-        let bytes = STANDARD_PAD_INDIFFERENT.decode(self.data.trim()).map_err(|e| SlotError::Base64(e.to_string()))?;
+        let bytes = STANDARD_PAD_INDIFFERENT
+            .decode(self.data.trim())
+            .map_err(|e| SlotError::Base64(e.to_string()))?;
         let expected = k * d * 4;
         if bytes.len() != expected {
             return Err(SlotError::Length { got: bytes.len(), expected, shape: [k, d] });
         }
-        let values = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let values =
+            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         SlotSet::new(d, values, self.model.clone())
     }
 }
@@ -258,15 +272,20 @@ mod tests {
         let e = with(&|j| j.shape = vec![4, 2]);
         assert_eq!(e, SlotError::SlotSize { got: 2, expected: 4 });
         assert!(matches!(with(&|j| j.data = "%%%".into()), SlotError::Base64(_)));
-        assert!(matches!(with(&|j| j.shape = vec![3, 4]), SlotError::Length { got: 32, expected: 48, .. }));
-        let nan = SlotSetJson { data: STANDARD.encode(f32::NAN.to_le_bytes().repeat(8)), ..good.clone() };
+        assert!(matches!(
+            with(&|j| j.shape = vec![3, 4]),
+            SlotError::Length { got: 32, expected: 48, .. }
+        ));
+        let nan =
+            SlotSetJson { data: STANDARD.encode(f32::NAN.to_le_bytes().repeat(8)), ..good.clone() };
         assert!(matches!(nan.decode(&spec()), Err(SlotError::NonFinite { slot: 0, index: 0, .. })));
     }
 
     #[test]
     fn accepts_unpadded_base64() {
         let json = set(1).to_json();
-        let unpadded = SlotSetJson { data: json.data.trim_end_matches('=').to_string(), ..json.clone() };
+        let unpadded =
+            SlotSetJson { data: json.data.trim_end_matches('=').to_string(), ..json.clone() };
         assert_eq!(unpadded.decode(&spec()).unwrap(), json.decode(&spec()).unwrap());
     }
 }

@@ -4,8 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One slot's share of the hard segmentation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SlotSummary {
     /// Slot index.
     pub slot: usize,

@@ -21,7 +21,8 @@ fn check_decomposed(image: &Value, fingerprint: &Value, pngs: bool) {
     let area: f64 = objects.iter().map(|o| o["area"].as_f64().unwrap()).sum();
     assert!((area - 1.0).abs() < 1e-4, "areas sum to {area}");
     for o in objects.iter().filter(|o| !o["bbox"].is_null()) {
-        let b: Vec<u64> = o["bbox"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        let b: Vec<u64> =
+            o["bbox"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
         assert!(b[0] < b[2] && b[1] < b[3] && b[2] <= 32 && b[3] <= 32, "{b:?}");
     }
     match pngs {
@@ -56,7 +57,9 @@ async fn decompose_accepts_json_multipart_and_raw_images() {
     let from_json = body["images"][0]["slots"].clone();
 
     let data_url = format!("data:image/png;base64,{}", png_base64(&b));
-    let (status, body) = server.post("/decompose?masks=false", &json!({ "images": [png_base64(&a), data_url] })).await;
+    let (status, body) = server
+        .post("/decompose?masks=false", &json!({ "images": [png_base64(&a), data_url] }))
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["images"].as_array().unwrap().len(), 2);
     body["images"].as_array().unwrap().iter().for_each(|i| check_decomposed(i, fingerprint, false));
@@ -71,7 +74,11 @@ async fn decompose_accepts_json_multipart_and_raw_images() {
     assert_eq!(body["images"].as_array().unwrap().len(), 2);
     assert_close(&body["images"][0]["slots"], &from_json);
 
-    let r = server.client.post(server.url("/decompose")).header("content-type", "image/png").body(png(&a));
+    let r = server
+        .client
+        .post(server.url("/decompose"))
+        .header("content-type", "image/png")
+        .body(png(&a));
     let body: Value = r.send().await.unwrap().json().await.unwrap();
     assert_close(&body["images"][0]["slots"], &from_json);
 }
@@ -84,19 +91,36 @@ async fn render_answers_json_png_or_events() {
 
     let (status, body) = server.post("/render", &request).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!((body["seed"].as_u64(), body["sampler"].as_str(), body["steps"].as_u64()), (Some(11), Some("ddim"), Some(4)));
+    assert_eq!(
+        (body["seed"].as_u64(), body["sampler"].as_str(), body["steps"].as_u64()),
+        (Some(11), Some("ddim"), Some(4))
+    );
     assert_eq!(body["images"][0]["seed"], 11);
     assert_eq!(body["images"][0]["num_slots"], NUM_SLOTS);
     let from_json = decode_png(&body["images"][0]["png"]);
     assert_eq!(from_json.dimensions(), (32, 32));
 
-    let r = server.client.post(server.url("/render")).header("accept", "image/png").json(&request).send().await.unwrap();
+    let r = server
+        .client
+        .post(server.url("/render"))
+        .header("accept", "image/png")
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["content-type"], "image/png");
     assert_eq!(r.headers()["x-seed"], "11");
     let raw = image::load_from_memory(&r.bytes().await.unwrap()).unwrap().to_rgb8();
     assert_eq!(raw, from_json, "same request and seed, same image");
 
-    let r = server.client.post(server.url("/render")).header("accept", "text/event-stream").json(&request).send().await.unwrap();
+    let r = server
+        .client
+        .post(server.url("/render"))
+        .header("accept", "text/event-stream")
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
     assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
     let mut text = String::new();
     let mut stream = r.bytes_stream();
@@ -111,7 +135,11 @@ async fn render_answers_json_png_or_events() {
             Some((name, serde_json::from_str(data).unwrap()))
         })
         .collect();
-    let steps: Vec<u64> = events.iter().filter(|(n, _)| *n == "progress").map(|(_, d)| d["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> = events
+        .iter()
+        .filter(|(n, _)| *n == "progress")
+        .map(|(_, d)| d["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(steps, vec![1, 2, 3, 4], "{text}");
     assert!(events.iter().filter(|(n, _)| *n == "progress").all(|(_, d)| d["of"] == 4));
     let (last, data) = events.last().unwrap();
@@ -123,14 +151,21 @@ async fn render_answers_json_png_or_events() {
 async fn render_selects_slots_and_reports_random_seeds() {
     let server = TestServer::start(settings()).await;
     let sets = server.slot_sets(&[picture(4, 32, 32), picture(5, 32, 32)]).await;
-    let (status, body) = server.post("/render", &json!({ "slots": sets, "drop": [1, 3], "sampler": "ddim", "steps": 2 })).await;
+    let (status, body) = server
+        .post("/render", &json!({ "slots": sets, "drop": [1, 3], "sampler": "ddim", "steps": 2 }))
+        .await;
     assert_eq!(status, 200, "{body}");
     let seed = body["seed"].as_u64().unwrap();
     let images = body["images"].as_array().unwrap();
     assert_eq!(images.len(), 2);
-    assert_eq!((images[0]["seed"].as_u64(), images[1]["seed"].as_u64()), (Some(seed), Some(seed.wrapping_add(1))));
+    assert_eq!(
+        (images[0]["seed"].as_u64(), images[1]["seed"].as_u64()),
+        (Some(seed), Some(seed.wrapping_add(1)))
+    );
     assert!(images.iter().all(|i| i["num_slots"] == 2));
-    let (status, body) = server.post("/render", &json!({ "slots": sets[0], "keep": [2], "steps": 2, "sampler": "ddim" })).await;
+    let (status, body) = server
+        .post("/render", &json!({ "slots": sets[0], "keep": [2], "steps": 2, "sampler": "ddim" }))
+        .await;
     assert_eq!((status, body["images"][0]["num_slots"].as_u64()), (200, Some(1)));
 }
 
@@ -158,7 +193,10 @@ async fn edit_swaps_between_images_and_removes() {
     assert_eq!(sources, vec![(0, 0), (0, 1), (1, 1)]);
     assert_eq!(outputs[1]["sources"][1], json!({"image": 0, "slot": 2}));
     assert_eq!(outputs[0]["slots"]["shape"], json!([3, SLOT_SIZE]));
-    assert_eq!((outputs[0]["image"]["seed"].as_u64(), outputs[1]["image"]["seed"].as_u64()), (Some(7), Some(8)));
+    assert_eq!(
+        (outputs[0]["image"]["seed"].as_u64(), outputs[1]["image"]["seed"].as_u64()),
+        (Some(7), Some(8))
+    );
     assert_eq!(decode_png(&outputs[1]["image"]["png"]).dimensions(), (32, 32));
 
     // The same edit on the decomposed slot sets renders the same images.
@@ -185,9 +223,18 @@ async fn health_info_and_metrics() {
     let (status, info) = server.get("/info").await;
     assert_eq!(status, 200);
     let model = &info["model"];
-    assert_eq!((model["name"].as_str(), model["preset"].as_str()), (Some("tiny-test"), Some("clevrtex")));
-    assert_eq!((model["num_slots"].as_u64(), model["slot_size"].as_u64()), (Some(NUM_SLOTS as u64), Some(SLOT_SIZE as u64)));
-    assert_eq!((model["resolution"].as_u64(), model["device"].as_str(), model["dtype"].as_str()), (Some(32), Some("cpu"), Some("f32")));
+    assert_eq!(
+        (model["name"].as_str(), model["preset"].as_str()),
+        (Some("tiny-test"), Some("clevrtex"))
+    );
+    assert_eq!(
+        (model["num_slots"].as_u64(), model["slot_size"].as_u64()),
+        (Some(NUM_SLOTS as u64), Some(SLOT_SIZE as u64))
+    );
+    assert_eq!(
+        (model["resolution"].as_u64(), model["device"].as_str(), model["dtype"].as_str()),
+        (Some(32), Some("cpu"), Some("f32"))
+    );
     assert_eq!(model["default_sampler"], "dpm-solver++");
     assert_eq!(info["samplers"], json!(["dpm-solver++", "ddim", "ddpm"]));
     assert_eq!(info["limits"]["max_steps"], 50);
@@ -222,24 +269,29 @@ async fn api_key_guards_all_but_health_and_metrics() {
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error_type"], "unauthorized");
-    let wrong = client.post(server.url("/render")).bearer_auth("open").json(&json!({})).send().await.unwrap();
+    let wrong = client
+        .post(server.url("/render"))
+        .bearer_auth("open")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(wrong.status(), 401);
-    assert_eq!(client.get(server.url("/info")).bearer_auth("sesame").send().await.unwrap().status(), 200);
-    assert_eq!(client.get(server.url("/info")).header("x-api-key", "sesame").send().await.unwrap().status(), 200);
+    assert_eq!(
+        client.get(server.url("/info")).bearer_auth("sesame").send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(server.url("/info"))
+            .header("x-api-key", "sesame")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     assert_eq!(client.get(server.url("/health")).send().await.unwrap().status(), 200);
     assert_eq!(client.get(server.url("/metrics")).send().await.unwrap().status(), 200);
 }
 
-#[tokio::test]
-async fn zz_timing() {
-    let server = TestServer::start(settings()).await;
-    let sets = server.slot_sets(&[picture(8, 32, 32)]).await;
-    for steps in [2usize, 20] {
-        let t = std::time::Instant::now();
-        server.post("/render", &json!({ "slots": sets[0], "sampler": "ddim", "steps": steps })).await;
-        println!("steps {steps}: {:?}", t.elapsed());
-    }
-    let t = std::time::Instant::now();
-    server.post("/render", &json!({ "slots": [sets[0], sets[0], sets[0], sets[0]], "sampler": "ddim", "steps": 20 })).await;
-    println!("4x20: {:?}", t.elapsed());
-}

@@ -53,7 +53,8 @@ async fn bad_requests_get_clear_json_errors() {
     let fp = info["model"]["fingerprint"].as_str().unwrap().to_string();
     let good = server.slot_sets(&[picture(2, 32, 32)]).await.remove(0);
     let ones = vec![0.5f32; 2 * SLOT_SIZE];
-    let with_nan: Vec<f32> = ones.iter().enumerate().map(|(i, &v)| if i == 5 { f32::NAN } else { v }).collect();
+    let with_nan: Vec<f32> =
+        ones.iter().enumerate().map(|(i, &v)| if i == 5 { f32::NAN } else { v }).collect();
     let c = &server.client;
     let post = |path: &str| c.post(server.url(path));
     let render = |body: Value| post("/render").json(&body);
@@ -116,14 +117,35 @@ async fn bad_requests_get_clear_json_errors() {
         let response = case.request.send().await.unwrap_or_else(|e| panic!("{}: {e}", case.name));
         let status = response.status().as_u16();
         let text = response.text().await.unwrap();
-        let body: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{}: not JSON: {text}", case.name));
-        let message = body["error"].as_str().unwrap_or_else(|| panic!("{}: no error in {body}", case.name));
-        assert_eq!((status, body["error_type"].as_str().unwrap()), (case.status, case.error_type), "{}: {message}", case.name);
-        assert!(message.contains(case.mentions), "{}: `{message}` does not mention `{}`", case.name, case.mentions);
-        assert!(!message.contains("backtrace") && !message.contains("   0: "), "{}: {message}", case.name);
+        let body: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{}: not JSON: {text}", case.name));
+        let message =
+            body["error"].as_str().unwrap_or_else(|| panic!("{}: no error in {body}", case.name));
+        assert_eq!(
+            (status, body["error_type"].as_str().unwrap()),
+            (case.status, case.error_type),
+            "{}: {message}",
+            case.name
+        );
+        assert!(
+            message.contains(case.mentions),
+            "{}: `{message}` does not mention `{}`",
+            case.name,
+            case.mentions
+        );
+        assert!(
+            !message.contains("backtrace") && !message.contains("   0: "),
+            "{}: {message}",
+            case.name
+        );
     }
     assert_eq!(server.get("/health").await.0, 200, "the server still serves");
-    let (status, _) = server.post("/render", &json!({"slots": good, "sampler": "ddim", "steps": 2})).await;
+    let (status, _) =
+        server.post("/render", &json!({"slots": good, "sampler": "ddim", "steps": 2})).await;
     assert_eq!(status, 200);
-    assert_eq!(server.metric("slotserve_model_errors_total").await, 0.0, "no client error reached the model");
+    assert_eq!(
+        server.metric("slotserve_model_errors_total").await,
+        0.0,
+        "no client error reached the model"
+    );
 }

@@ -26,7 +26,8 @@ fn converted_model_equals_the_pth_it_came_from() {
     let Some(fx) = common::Fixture::load("converted_model_equals_pth", "voc-small") else { return };
     let out = tmp("convert");
     commands::convert(&fx.checkpoint(), Preset::Voc, &out, DType::F32).unwrap();
-    let direct = SlotDiffusion::load(&fx.checkpoint(), Some(Preset::Voc), &Device::Cpu, DType::F32).unwrap();
+    let direct =
+        SlotDiffusion::load(&fx.checkpoint(), Some(Preset::Voc), &Device::Cpu, DType::F32).unwrap();
     let converted = SlotDiffusion::load(&out, None, &Device::Cpu, DType::F32).unwrap();
     assert_eq!(direct.fingerprint(), converted.fingerprint());
     assert_eq!(direct.config(), converted.config());
@@ -35,7 +36,9 @@ fn converted_model_equals_the_pth_it_came_from() {
     assert_eq!(common::max_abs_diff(&a.slots, &b.slots), 0.0);
     assert_eq!(common::max_abs_diff(&a.masks, &b.masks), 0.0);
     let slots = a.slots.get(0).unwrap();
-    let render = |m: &SlotDiffusion| m.render(std::slice::from_ref(&slots), &[5], SamplerKind::Ddim, 2).unwrap();
+    let render = |m: &SlotDiffusion| {
+        m.render(std::slice::from_ref(&slots), &[5], SamplerKind::Ddim, 2).unwrap()
+    };
     assert_eq!(common::max_abs_diff(&render(&direct), &render(&converted)), 0.0);
     std::fs::remove_dir_all(out).unwrap();
 }
@@ -43,13 +46,19 @@ fn converted_model_equals_the_pth_it_came_from() {
 #[test]
 fn half_precision_loads_and_stays_close() {
     let Some(fx) = common::Fixture::load("half_precision", "clevrtex-small") else { return };
-    let model = SlotDiffusion::load(&fx.checkpoint(), Some(Preset::Clevrtex), &Device::Cpu, DType::F16).unwrap();
+    let model =
+        SlotDiffusion::load(&fx.checkpoint(), Some(Preset::Clevrtex), &Device::Cpu, DType::F16)
+            .unwrap();
     assert_eq!(model.dtype(), DType::F16);
     let d = model.decompose(&fx.tensor("image")).unwrap();
     // f16 keeps 11 bits of mantissa through ~20 layers: slots agree with f32 to ~1e-2.
     common::assert_close("f16 slots", &d.slots, &fx.tensor("slots"), 5e-2);
-    let bf16 = SlotDiffusion::load(&fx.checkpoint(), Some(Preset::Clevrtex), &Device::Cpu, DType::BF16);
-    assert!(format!("{:#}", bf16.unwrap_err()).contains("use f16 or f32"), "bf16 on the CPU is refused");
+    let bf16 =
+        SlotDiffusion::load(&fx.checkpoint(), Some(Preset::Clevrtex), &Device::Cpu, DType::BF16);
+    assert!(
+        format!("{:#}", bf16.unwrap_err()).contains("use f16 or f32"),
+        "bf16 on the CPU is refused"
+    );
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
@@ -62,14 +71,17 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
 fn broken_checkpoints_are_named_errors() {
     let dir = tmp("broken");
     let not_zip = write(&dir, "not_zip.pth", b"this is not a zip archive");
-    let err = SlotDiffusion::load(&not_zip, Some(Preset::Voc), &Device::Cpu, DType::F32).unwrap_err();
+    let err =
+        SlotDiffusion::load(&not_zip, Some(Preset::Voc), &Device::Cpu, DType::F32).unwrap_err();
     assert!(format!("{err:#}").contains("not_zip.pth"), "{err:#}");
     let Some(fx) = common::Fixture::load("broken_checkpoints", "clevrtex-small") else { return };
     let bytes = std::fs::read(fx.checkpoint()).unwrap();
     let truncated = write(&dir, "truncated.pth", &bytes[..bytes.len() / 2]);
-    let err = SlotDiffusion::load(&truncated, Some(Preset::Clevrtex), &Device::Cpu, DType::F32).unwrap_err();
+    let err = SlotDiffusion::load(&truncated, Some(Preset::Clevrtex), &Device::Cpu, DType::F32)
+        .unwrap_err();
     assert!(format!("{err:#}").contains("truncated.pth"), "{err:#}");
-    let err = SlotDiffusion::load(&fx.checkpoint(), Some(Preset::Voc), &Device::Cpu, DType::F32).unwrap_err();
+    let err = SlotDiffusion::load(&fx.checkpoint(), Some(Preset::Voc), &Device::Cpu, DType::F32)
+        .unwrap_err();
     assert!(format!("{err:#}").contains("ResNet encoder"), "another preset: {err:#}");
     let err = SlotDiffusion::load(&fx.checkpoint(), None, &Device::Cpu, DType::F32).unwrap_err();
     assert!(format!("{err:#}").contains("--preset"), "{err:#}");
@@ -77,17 +89,23 @@ fn broken_checkpoints_are_named_errors() {
     let ckpt = Checkpoint::from_pth(&fx.checkpoint()).unwrap();
     let config = ModelConfig::infer("x", Preset::Clevrtex, &ckpt.shapes()).unwrap();
     let missing = "dm_decoder.model.diffusion_model.out.2.bias";
-    let tensors = ckpt.shapes().iter().filter(|(k, _)| *k != missing).map(|(k, _)| (k.clone(), ckpt.peek(k).unwrap().clone())).collect::<Vec<_>>();
+    let tensors = ckpt
+        .shapes()
+        .iter()
+        .filter(|(k, _)| *k != missing)
+        .map(|(k, _)| (k.clone(), ckpt.peek(k).unwrap().clone()))
+        .collect::<Vec<_>>();
     let partial = Arc::new(Checkpoint::from_tensors(tensors.clone()));
-    let err = SlotDiffusion::from_checkpoint(&partial, config.clone(), &Device::Cpu, DType::F32).err().unwrap();
+    let err = SlotDiffusion::from_checkpoint(&partial, config.clone(), &Device::Cpu, DType::F32)
+        .err()
+        .unwrap();
     assert!(format!("{err:#}").contains(missing), "{err:#}");
-    let extra = Arc::new(Checkpoint::from_tensors(
-        tensors.into_iter().chain([
-            (missing.to_string(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()),
-            ("surplus.weight".to_string(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap()),
-        ]),
-    ));
-    let err = SlotDiffusion::from_checkpoint(&extra, config, &Device::Cpu, DType::F32).err().unwrap();
+    let extra = Arc::new(Checkpoint::from_tensors(tensors.into_iter().chain([
+        (missing.to_string(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()),
+        ("surplus.weight".to_string(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap()),
+    ])));
+    let err =
+        SlotDiffusion::from_checkpoint(&extra, config, &Device::Cpu, DType::F32).err().unwrap();
     assert!(format!("{err:#}").contains("surplus.weight"), "unused tensor: {err:#}");
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -123,15 +141,23 @@ fn bad_images_are_refused_before_decoding() {
     assert!(matches!(huge, Err(ImageError::TooLarge(_))), "{huge:?}");
     let tiny = imageio::encode_png(&image::RgbImage::new(1, 1));
     assert!(matches!(imageio::decode_image(&tiny, &limits), Err(ImageError::TooSmall(_))));
-    assert!(matches!(imageio::decode_image(b"plain text", &limits), Err(ImageError::UnsupportedFormat)));
+    assert!(matches!(
+        imageio::decode_image(b"plain text", &limits),
+        Err(ImageError::UnsupportedFormat)
+    ));
 }
 
 #[test]
 fn decompose_and_render_files_end_to_end() {
-    let Some(fx) = common::Fixture::load("decompose_and_render_files", "clevrtex-small") else { return };
+    let Some(fx) = common::Fixture::load("decompose_and_render_files", "clevrtex-small") else {
+        return;
+    };
     let dir = tmp("files");
-    let model = SlotDiffusion::load(&fx.checkpoint(), Some(Preset::Clevrtex), &Device::Cpu, DType::F32).unwrap();
-    let images = [fx.dir.join("image0_clevrtex-small.png"), fx.dir.join("image1_clevrtex-small.png")];
+    let model =
+        SlotDiffusion::load(&fx.checkpoint(), Some(Preset::Clevrtex), &Device::Cpu, DType::F32)
+            .unwrap();
+    let images =
+        [fx.dir.join("image0_clevrtex-small.png"), fx.dir.join("image1_clevrtex-small.png")];
     let summary = commands::decompose(&model, &images, &dir).unwrap();
     assert_eq!(summary.images.len(), 2);
     assert_eq!(summary.images[0].masks.len(), 5);
@@ -152,16 +178,27 @@ fn decompose_and_render_files_end_to_end() {
     };
     let out = dir.join("drop0.png");
     commands::render(&model, &spec, &out).unwrap();
-    let png = imageio::decode_image(&std::fs::read(&out).unwrap(), &ImageLimits::default()).unwrap();
+    let png =
+        imageio::decode_image(&std::fs::read(&out).unwrap(), &ImageLimits::default()).unwrap();
     let want = imageio::tensor_to_images(&fx.tensor("drop0_image")).unwrap().remove(0);
-    let diff = png.pixels().zip(want.pixels()).flat_map(|(a, b)| (0..3).map(move |c| a[c].abs_diff(b[c]))).max();
+    let diff = png
+        .pixels()
+        .zip(want.pixels())
+        .flat_map(|(a, b)| (0..3).map(move |c| a[c].abs_diff(b[c])))
+        .max();
     assert!(diff <= Some(1), "rendered PNG within 1/255 of the official image: {diff:?}");
 
     let bad = RenderSpec { selection: SlotSelection::Keep(vec![7]), ..spec.clone() };
     assert!(commands::render(&model, &bad, &out).unwrap_err().to_string().contains("slot index 7"));
     let narrow = dir.join("narrow.safetensors");
-    Tensor::zeros((5, 32), DType::F32, &Device::Cpu).unwrap().save_safetensors("slots", &narrow).unwrap();
+    Tensor::zeros((5, 32), DType::F32, &Device::Cpu)
+        .unwrap()
+        .save_safetensors("slots", &narrow)
+        .unwrap();
     let wrong_width = RenderSpec { slots_file: narrow, selection: SlotSelection::All, ..spec };
-    assert!(commands::render(&model, &wrong_width, &out).unwrap_err().to_string().contains("width 32"));
+    assert!(commands::render(&model, &wrong_width, &out)
+        .unwrap_err()
+        .to_string()
+        .contains("width 32"));
     std::fs::remove_dir_all(dir).unwrap();
 }

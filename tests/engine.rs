@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use image::RgbImage;
 use slotserve::engine::{
-    collect_images, Decomposed, Engine, EngineConfig, EngineError, Metrics, Model, ModelInfo, RenderEvent,
-    RenderSpec, Status,
+    collect_images, Decomposed, Engine, EngineConfig, EngineError, Metrics, Model, ModelInfo,
+    RenderEvent, RenderSpec, Status,
 };
 use slotserve::imageio::Preprocess;
 use slotserve::model::sampler::SamplerKind;
@@ -155,7 +155,11 @@ async fn new_jobs_join_a_running_batch() {
     assert_eq!((ib[0].get_pixel(0, 0)[0], ib[1].get_pixel(0, 0)[0]), (2, 3));
     let batches = h.log.lock().unwrap().denoise_batches.clone();
     assert_eq!(batches[0], 1, "{batches:?}");
-    assert_eq!(batches.iter().filter(|&&n| n == 3).count(), 5, "b's jobs ran 5 steps beside a: {batches:?}");
+    assert_eq!(
+        batches.iter().filter(|&&n| n == 3).count(),
+        5,
+        "b's jobs ran 5 steps beside a: {batches:?}"
+    );
     assert_eq!(batches.iter().sum::<usize>(), 40, "every step ran exactly once: {batches:?}");
 }
 
@@ -219,7 +223,11 @@ async fn jobs_of_departed_callers_are_dropped() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let steps = h.log.lock().unwrap().denoise_batches.len();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(h.log.lock().unwrap().denoise_batches.len(), steps, "no more steps after cancelling");
+    assert_eq!(
+        h.log.lock().unwrap().denoise_batches.len(),
+        steps,
+        "no more steps after cancelling"
+    );
     assert_eq!(metric(&h.engine, "slotserve_jobs_cancelled_total"), 1.0);
     assert_eq!(metric(&h.engine, "slotserve_images_rendered_total"), 0.0);
 }
@@ -252,10 +260,14 @@ async fn loading_and_failed_loads_are_unavailable() {
         Metrics::new(),
     );
     assert_eq!(engine.status(), Status::Loading);
-    assert!(matches!(engine.render(vec![spec(1, 1)]), Err(EngineError::Unavailable(m)) if m.contains("loading")));
+    assert!(
+        matches!(engine.render(vec![spec(1, 1)]), Err(EngineError::Unavailable(m)) if m.contains("loading"))
+    );
     let reason = engine.wait_ready().await.unwrap_err();
     assert!(reason.contains("no weights here"), "{reason}");
-    assert!(matches!(engine.decompose(vec![]).await, Err(EngineError::Unavailable(m)) if m.contains("no weights")));
+    assert!(
+        matches!(engine.decompose(vec![]).await, Err(EngineError::Unavailable(m)) if m.contains("no weights"))
+    );
 }
 
 #[tokio::test]
@@ -266,7 +278,10 @@ async fn warm_up_runs_every_stage_before_ready() {
     let (engine, _thread) = Engine::start(move || Ok(model), config, Metrics::new());
     engine.wait_ready().await.unwrap();
     let log = log.lock().unwrap();
-    assert_eq!((log.decompose_batches.as_slice(), log.denoise_batches.as_slice()), (&[1][..], &[1][..]));
+    assert_eq!(
+        (log.decompose_batches.as_slice(), log.denoise_batches.as_slice()),
+        (&[1][..], &[1][..])
+    );
 }
 
 #[tokio::test]

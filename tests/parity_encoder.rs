@@ -55,7 +55,8 @@ fn assert_segmentation_matches(name: &str, masks: &Tensor, want: &Tensor) {
     let want: Vec<i64> =
         want.to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     let (b, k, h, w) = masks.dims4().unwrap();
-    let m: Vec<f32> = masks.permute((0, 2, 3, 1)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let m: Vec<f32> =
+        masks.permute((0, 2, 3, 1)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     let mut ties = 0;
     for p in 0..b * h * w {
         let mut v = m[p * k..(p + 1) * k].to_vec();
@@ -66,7 +67,10 @@ fn assert_segmentation_matches(name: &str, masks: &Tensor, want: &Tensor) {
             assert_eq!(got[p] as i64, want[p], "{name}: pixel {p} differs and is not a near-tie");
         }
     }
-    println!("{name}: segmentation equal on all {} pixels outside {ties} near-ties", b * h * w - ties);
+    println!(
+        "{name}: segmentation equal on all {} pixels outside {ties} near-ties",
+        b * h * w - ties
+    );
 }
 
 #[test]

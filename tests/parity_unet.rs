@@ -14,7 +14,8 @@ const UNET_PREFIX: &str = "dm_decoder.model.diffusion_model";
 fn load(fx: &common::Fixture) -> (UNetModel, UNetConfig) {
     let ckpt = Arc::new(Checkpoint::from_pth(&fx.checkpoint()).unwrap());
     let cfg = UNetConfig::infer(&ckpt.shapes(), UNET_PREFIX, 32).unwrap();
-    let unet = UNetModel::new(ckpt.var_builder(DType::F32, &Device::Cpu).pp(UNET_PREFIX), &cfg).unwrap();
+    let unet =
+        UNetModel::new(ckpt.var_builder(DType::F32, &Device::Cpu).pp(UNET_PREFIX), &cfg).unwrap();
     (unet, cfg)
 }
 
@@ -26,7 +27,8 @@ fn unet_matches_official_with_per_sample_timesteps() {
         assert_eq!(cfg.channel_mult, vec![1, 2, 3, 4], "{name}");
         assert_eq!(cfg.attention_levels, vec![false, true, true, true], "{name}");
         assert_eq!((cfg.model_channels, cfg.num_res_blocks, cfg.context_dim), (32, 2, 64));
-        let eps = unet.forward(&fx.tensor("unet_zt"), &fx.tensor("unet_t"), &fx.tensor("slots")).unwrap();
+        let eps =
+            unet.forward(&fx.tensor("unet_zt"), &fx.tensor("unet_t"), &fx.tensor("slots")).unwrap();
         common::assert_close(&format!("{name} unet_eps"), &eps, &fx.tensor("unet_eps"), 1e-4);
     }
 }
@@ -40,11 +42,19 @@ fn padded_slot_sets_equal_separate_calls() {
     let slots = fx.tensor("slots");
     // Sample 0 keeps its first 3 slots, sample 1 all 5: padded to 5 with zeros, masked.
     let short = slots.get(0).unwrap().narrow(0, 0, 3).unwrap();
-    let padded = Tensor::stack(&[short.pad_with_zeros(0, 0, 2).unwrap(), slots.get(1).unwrap()], 0).unwrap();
+    let padded =
+        Tensor::stack(&[short.pad_with_zeros(0, 0, 2).unwrap(), slots.get(1).unwrap()], 0).unwrap();
     let mask = Tensor::new(&[[1f32, 1., 1., 0., 0.], [1., 1., 1., 1., 1.]], &Device::Cpu).unwrap();
     let batched = unet.forward_masked(&zt, &t, &padded, Some(&mask)).unwrap();
-    for (i, ctx) in [short.unsqueeze(0).unwrap(), slots.narrow(0, 1, 1).unwrap()].iter().enumerate() {
-        let alone = unet.forward(&zt.narrow(0, i, 1).unwrap(), &t.narrow(0, i, 1).unwrap(), ctx).unwrap();
-        common::assert_close(&format!("sample {i} padded vs alone"), &batched.narrow(0, i, 1).unwrap(), &alone, 1e-5);
+    for (i, ctx) in [short.unsqueeze(0).unwrap(), slots.narrow(0, 1, 1).unwrap()].iter().enumerate()
+    {
+        let alone =
+            unet.forward(&zt.narrow(0, i, 1).unwrap(), &t.narrow(0, i, 1).unwrap(), ctx).unwrap();
+        common::assert_close(
+            &format!("sample {i} padded vs alone"),
+            &batched.narrow(0, i, 1).unwrap(),
+            &alone,
+            1e-5,
+        );
     }
 }

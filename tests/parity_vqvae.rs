@@ -28,13 +28,23 @@ fn vqvae_matches_official_encode_and_decode() {
         let Some(fx) = common::Fixture::load("vqvae_matches_official", name) else { return };
         let vq = load(&fx);
         let decoded = vq.decode(&fx.tensor("vq_latent")).unwrap();
-        common::assert_close(&format!("{name} vq_decoded"), &decoded, &fx.tensor("vq_decoded"), 1e-4);
+        common::assert_close(
+            &format!("{name} vq_decoded"),
+            &decoded,
+            &fx.tensor("vq_decoded"),
+            1e-4,
+        );
         let encoded = vq.encode(&fx.tensor("image")).unwrap();
         // 2e-3, not 1e-4: the stored `vq_encoded` is 1.0e-4 (clevrtex-small) and 1.43e-3
         // (voc-small) away from what the official code itself computes when re-run on this
         // machine, in f32 or f64 (torch 2.15, same checkpoint and input); ours lands within
         // 7e-6 of that re-run, and our own f32 and f64 agree to 2e-5 (checked below).
-        common::assert_close(&format!("{name} vq_encoded"), &encoded, &fx.tensor("vq_encoded"), 2e-3);
+        common::assert_close(
+            &format!("{name} vq_encoded"),
+            &encoded,
+            &fx.tensor("vq_encoded"),
+            2e-3,
+        );
         let f64_vq = load_as(&fx, DType::F64);
         let exact = f64_vq.encode(&fx.tensor("image").to_dtype(DType::F64).unwrap()).unwrap();
         common::assert_close(&format!("{name} vq_encoded f32 vs f64"), &encoded, &exact, 5e-5);
@@ -49,4 +59,3 @@ fn quantize_snaps_to_codebook_entries_idempotently() {
     let again = vq.quantize(&q).unwrap();
     assert_eq!(common::max_abs_diff(&q, &again), 0.0);
 }
-

@@ -123,7 +123,9 @@ from_rejection!(JsonRejection, QueryRejection, BytesRejection, MultipartRejectio
 impl From<ImageError> for ApiError {
     fn from(e: ImageError) -> Self {
         let (status, kind) = match e {
-            ImageError::UnsupportedFormat => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            ImageError::UnsupportedFormat => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
             ImageError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "image_too_large"),
             ImageError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_image"),
             ImageError::TooSmall(_) => (StatusCode::UNPROCESSABLE_ENTITY, "image_too_small"),

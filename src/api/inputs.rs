@@ -35,14 +35,20 @@ pub fn decode_base64_image(text: &str) -> Result<Vec<u8>, ApiError> {
     let data = match text.strip_prefix("data:") {
         Some(url) => match url.split_once(',') {
             Some((meta, data)) if meta.ends_with(";base64") => data,
-            _ => return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_base64", "data URLs must be base64")),
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_base64",
+                    "data URLs must be base64",
+                ))
+            }
         },
         None => text,
     };
     let compact: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-    let bytes = STANDARD_PAD_INDIFFERENT
-        .decode(compact)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_base64", format!("invalid base64: {e}")))?;
+    let bytes = STANDARD_PAD_INDIFFERENT.decode(compact).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_base64", format!("invalid base64: {e}"))
+    })?;
     match bytes.is_empty() {
         true => Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_image", "the image is empty")),
         false => Ok(bytes),
@@ -52,7 +58,11 @@ pub fn decode_base64_image(text: &str) -> Result<Vec<u8>, ApiError> {
 /// The images of a JSON list of base64 strings, each checked.
 pub fn decode_base64_images(texts: &[String], max: usize) -> Result<Vec<Vec<u8>>, ApiError> {
     check_count(texts.len(), max, "images")?;
-    texts.iter().enumerate().map(|(i, t)| decode_base64_image(t).map_err(|e| e.at(format!("image {i}")))).collect()
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| decode_base64_image(t).map_err(|e| e.at(format!("image {i}"))))
+        .collect()
 }
 
 /// The images of a JSON `/decompose` body: `image` or `images`.
@@ -71,13 +81,19 @@ async fn multipart_images(mut form: Multipart, max: usize) -> Result<Vec<Vec<u8>
     while let Some(field) = form.next_field().await? {
         let name = field.name().unwrap_or_default().to_string();
         if !IMAGE_FIELDS.contains(&name.as_str()) {
-            return Err(ApiError::bad_request(format!("unexpected form field `{name}`: send files as `image`")));
+            return Err(ApiError::bad_request(format!(
+                "unexpected form field `{name}`: send files as `image`"
+            )));
         }
         check_count(images.len() + 1, max, "images")?;
         let bytes = field.bytes().await?;
         if bytes.is_empty() {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_image", "the image is empty")
-                .at(format!("image {}", images.len())));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_image",
+                "the image is empty",
+            )
+            .at(format!("image {}", images.len())));
         }
         images.push(bytes.to_vec());
     }
@@ -87,7 +103,8 @@ async fn multipart_images(mut form: Multipart, max: usize) -> Result<Vec<Vec<u8>
 
 /// The images of a `/decompose` request: JSON, multipart form, or a raw PNG/JPEG body.
 pub async fn read_images(request: Request, max: usize) -> Result<Vec<Vec<u8>>, ApiError> {
-    let content_type = request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let content_type =
+        request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     match essence.as_str() {
         "multipart/form-data" => multipart_images(Multipart::from_request(request, &()).await?, max).await,
@@ -126,12 +143,17 @@ pub async fn prepare_images(
             .iter()
             .enumerate()
             .map(|(i, bytes)| {
-                let img = decode_image(bytes, &limits).map_err(|e| ApiError::from(e).at(format!("image {i}")))?;
+                let img = decode_image(bytes, &limits)
+                    .map_err(|e| ApiError::from(e).at(format!("image {i}")))?;
                 Ok(preprocess(&img, rule, resolution as u32))
             })
             .collect::<Result<Vec<_>, ApiError>>()
     };
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("image decoding failed: {e}")))?
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("image decoding failed: {e}"),
+        )
+    })?
 }

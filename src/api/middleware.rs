@@ -30,13 +30,19 @@ fn same_key(presented: &str, expected: &str) -> bool {
 }
 
 /// Refuses requests without the configured API key (401 JSON); open when none is set.
-pub async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn require_api_key(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
     let Some(expected) = state.settings.api_key.as_deref() else {
         return next.run(request).await;
     };
     match presented_key(request.headers()) {
         Some(key) if same_key(key, expected) => next.run(request).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong API key").into_response(),
+        Some(_) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong API key").into_response()
+        }
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -48,9 +54,14 @@ pub async fn require_api_key(State(state): State<AppState>, request: Request, ne
 
 /// Counts every request and its latency by endpoint and status.
 pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let endpoint = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
+    let endpoint =
+        request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
     let started = Instant::now();
     let response = next.run(request).await;
-    state.engine.metrics().request(&endpoint, response.status().as_u16(), started.elapsed().as_secs_f64());
+    state.engine.metrics().request(
+        &endpoint,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
     response
 }

@@ -213,7 +213,8 @@ impl AppState {
     }
 
     fn slot_spec(&self) -> Result<SlotSpec, ApiError> {
-        let info = self.engine.info().ok_or_else(|| ApiError::unavailable("the model is loading"))?;
+        let info =
+            self.engine.info().ok_or_else(|| ApiError::unavailable("the model is loading"))?;
         Ok(SlotSpec {
             slot_size: info.slot_size,
             max_slots: self.limits().max_slots,
@@ -241,8 +242,12 @@ fn router(state: AppState) -> Router {
         .route("/edit", post(routes::edit))
         .route("/info", get(routes::info))
         .route("/openapi.json", get(routes::openapi_json))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_api_key));
-    let open = Router::new().route("/health", get(routes::health)).route("/metrics", get(routes::metrics));
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::require_api_key,
+        ));
+    let open =
+        Router::new().route("/health", get(routes::health)).route("/metrics", get(routes::metrics));
     Router::new()
         .merge(protected)
         .merge(open)
@@ -269,7 +274,11 @@ where
     F: FnOnce() -> anyhow::Result<M> + Send + 'static,
 {
     let limits = &settings.limits;
-    let config = EngineConfig { max_batch_size: limits.max_batch_size, max_queue: limits.max_queue, warmup: settings.warmup };
+    let config = EngineConfig {
+        max_batch_size: limits.max_batch_size,
+        max_queue: limits.max_queue,
+        warmup: settings.warmup,
+    };
     let metrics = Metrics::new();
     let (engine, thread) = Engine::start(loader, config, metrics.clone());
     let permits = Arc::new(Semaphore::new(limits.max_concurrent.max(1)));

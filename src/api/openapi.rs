@@ -7,9 +7,9 @@ use utoipa::{Modify, OpenApi};
 use super::error::ErrorResponse;
 use super::routes;
 use super::types::{
-    DecomposeForm, DecomposeRequest, DecomposeResponse, DecomposedImage, EditRequest, EditResponse, EditedImage,
-    HealthResponse, ImageEvent, InfoResponse, Limits, ProgressEvent, RenderRequest, RenderResponse, RenderedImage,
-    SlotObject, SlotSetInput,
+    DecomposeForm, DecomposeRequest, DecomposeResponse, DecomposedImage, EditRequest, EditResponse,
+    EditedImage, HealthResponse, ImageEvent, InfoResponse, Limits, ProgressEvent, RenderRequest,
+    RenderResponse, RenderedImage, SlotObject, SlotSetInput,
 };
 use crate::edit::{EditOp, Origin, SlotRef};
 use crate::engine::ModelInfo;
@@ -58,7 +58,10 @@ impl Modify for Security {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
-        components.add_security_scheme("api_key", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))));
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))),
+        );
     }
 }
 

@@ -19,7 +19,8 @@ use tokio::time::Instant;
 
 use super::error::ApiError;
 use super::types::{
-    DecomposeResponse, DecomposedImage, ImageEvent, ProgressEvent, RenderResponse, RenderedImage, SlotObject,
+    DecomposeResponse, DecomposedImage, ImageEvent, ProgressEvent, RenderResponse, RenderedImage,
+    SlotObject,
 };
 use super::Sampling;
 use crate::engine::{collect_images, Decomposed, RenderEvent};
@@ -52,7 +53,11 @@ fn describe(d: &Decomposed, with_pngs: bool) -> DecomposedImage {
     let k = d.slots.num_slots();
     let plane = w * h;
     let mask_png = |slot: usize| {
-        STANDARD.encode(encode_mask_png(&d.masks[slot * plane..(slot + 1) * plane], w as u32, h as u32))
+        STANDARD.encode(encode_mask_png(
+            &d.masks[slot * plane..(slot + 1) * plane],
+            w as u32,
+            h as u32,
+        ))
     };
     let objects = summarize(&d.segmentation, w, k)
         .into_iter()
@@ -66,12 +71,17 @@ fn describe(d: &Decomposed, with_pngs: bool) -> DecomposedImage {
 }
 
 /// The `/decompose` answer, built on a blocking thread (PNG encoding is CPU work).
-pub async fn decomposition(outs: Vec<Decomposed>, with_pngs: bool) -> Result<DecomposeResponse, ApiError> {
+pub async fn decomposition(
+    outs: Vec<Decomposed>,
+    with_pngs: bool,
+) -> Result<DecomposeResponse, ApiError> {
     tokio::task::spawn_blocking(move || DecomposeResponse {
         images: outs.iter().map(|d| describe(d, with_pngs)).collect(),
     })
     .await
-    .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+    .map_err(|e| {
+        ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    })
 }
 
 /// Waits for all images of a render until `deadline`.
@@ -88,7 +98,11 @@ pub async fn wait_for_images(
 
 /// 504: the request ran past the server's time limit.
 pub fn timeout() -> ApiError {
-    ApiError::new(axum::http::StatusCode::GATEWAY_TIMEOUT, "timeout", "the request took longer than the server's limit")
+    ApiError::new(
+        axum::http::StatusCode::GATEWAY_TIMEOUT,
+        "timeout",
+        "the request took longer than the server's limit",
+    )
 }
 
 /// What a render request is answered with, as the client's `Accept` header asks: a stream
@@ -123,7 +137,8 @@ impl RenderReply {
             .enumerate()
             .map(|(i, (img, &k))| rendered(img, s.seed_of(i), k))
             .collect();
-        let response = RenderResponse { images, seed: s.seed, sampler: s.sampler.to_string(), steps: s.steps };
+        let response =
+            RenderResponse { images, seed: s.seed, sampler: s.sampler.to_string(), steps: s.steps };
         Ok(Json(response).into_response())
     }
 
@@ -135,11 +150,12 @@ impl RenderReply {
             if finished {
                 return None;
             }
-            let (event, last) = match tokio::time::timeout_at(reply.deadline, reply.events.recv()).await {
-                Ok(Some(event)) => reply.event(event),
-                Ok(None) => return None,
-                Err(_) => (error_event(&timeout()), true),
-            };
+            let (event, last) =
+                match tokio::time::timeout_at(reply.deadline, reply.events.recv()).await {
+                    Ok(Some(event)) => reply.event(event),
+                    Ok(None) => return None,
+                    Err(_) => (error_event(&timeout()), true),
+                };
             Some((Ok(event), (reply, last)))
         });
         Sse::new(stream).keep_alive(KeepAlive::default())
@@ -148,7 +164,9 @@ impl RenderReply {
     /// One engine event as an SSE event, and whether it ends the stream.
     fn event(&self, event: RenderEvent) -> (Event, bool) {
         match event {
-            RenderEvent::Progress { index, step, of } => (sse("progress", &ProgressEvent { index, step, of }), false),
+            RenderEvent::Progress { index, step, of } => {
+                (sse("progress", &ProgressEvent { index, step, of }), false)
+            }
             RenderEvent::Image { index, image } => {
                 let image = rendered(&image, self.sampling.seed_of(index), self.num_slots[index]);
                 (sse("image", &ImageEvent { index, image }), false)
@@ -170,7 +188,10 @@ fn raw_png(image: &RgbImage, s: &Sampling) -> Response {
 }
 
 fn sse(name: &'static str, payload: &impl Serialize) -> Event {
-    Event::default().event(name).json_data(payload).unwrap_or_else(|e| Event::default().event("error").data(e.to_string()))
+    Event::default()
+        .event(name)
+        .json_data(payload)
+        .unwrap_or_else(|e| Event::default().event("error").data(e.to_string()))
 }
 
 fn error_event(error: &ApiError) -> Event {

@@ -15,8 +15,8 @@ use super::openapi::openapi;
 use super::respond::{self, wait_for_images, RenderReply};
 use super::sampling::Sampling;
 use super::types::{
-    DecomposeForm, DecomposeQuery, DecomposeRequest, DecomposeResponse, EditRequest, EditResponse, EditedImage, HealthResponse,
-    InfoResponse, RenderRequest, RenderResponse,
+    DecomposeForm, DecomposeQuery, DecomposeRequest, DecomposeResponse, EditRequest, EditResponse,
+    EditedImage, HealthResponse, InfoResponse, RenderRequest, RenderResponse,
 };
 use super::AppState;
 use crate::edit::{self, EditedSet};
@@ -54,8 +54,11 @@ pub async fn decompose(
     let info = state.model()?;
     let bytes = read_images(request, state.limits().max_images).await?;
     let _permit = state.permit()?;
-    let images = prepare_images(bytes, state.image_limits(), info.preprocess, info.resolution).await?;
-    let outs = tokio::time::timeout_at(deadline, state.engine.decompose(images)).await.map_err(|_| respond::timeout())??;
+    let images =
+        prepare_images(bytes, state.image_limits(), info.preprocess, info.resolution).await?;
+    let outs = tokio::time::timeout_at(deadline, state.engine.decompose(images))
+        .await
+        .map_err(|_| respond::timeout())??;
     Ok(Json(respond::decomposition(outs, query.masks.unwrap_or(true)).await?))
 }
 
@@ -96,9 +99,18 @@ pub async fn render(
         .decode_sets(&sets)?
         .iter()
         .enumerate()
-        .map(|(i, s)| edit::select(s, req.keep.as_deref(), req.drop.as_deref()).map_err(|e| ApiError::from(e).at(format!("slot set {i}"))))
+        .map(|(i, s)| {
+            edit::select(s, req.keep.as_deref(), req.drop.as_deref())
+                .map_err(|e| ApiError::from(e).at(format!("slot set {i}")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    let sampling = Sampling::resolve(req.seed, req.sampler.as_deref(), req.steps, info, state.limits().max_steps)?;
+    let sampling = Sampling::resolve(
+        req.seed,
+        req.sampler.as_deref(),
+        req.steps,
+        info,
+        state.limits().max_steps,
+    )?;
     let permit = state.permit()?;
     let num_slots = sets.iter().map(SlotSet::num_slots).collect();
     let events = state.engine.render(sampling.specs(sets))?;
@@ -152,12 +164,20 @@ pub async fn edit(
     };
     let plan = edit::plan(&counts, &req.operations)?;
     state.check_outputs(&plan)?;
-    let sampling = Sampling::resolve(req.seed, req.sampler.as_deref(), req.steps, info, state.limits().max_steps)?;
+    let sampling = Sampling::resolve(
+        req.seed,
+        req.sampler.as_deref(),
+        req.steps,
+        info,
+        state.limits().max_steps,
+    )?;
     let _permit = state.permit()?;
     let inputs = match inputs {
         EditInputs::Slots(sets) => sets,
         EditInputs::Images(bytes) => {
-            let images = prepare_images(bytes, state.image_limits(), info.preprocess, info.resolution).await?;
+            let images =
+                prepare_images(bytes, state.image_limits(), info.preprocess, info.resolution)
+                    .await?;
             let outs = tokio::time::timeout_at(deadline, state.engine.decompose(images))
                 .await
                 .map_err(|_| respond::timeout())??;
@@ -179,7 +199,12 @@ pub async fn edit(
             slots: set.to_json(),
         })
         .collect();
-    Ok(Json(EditResponse { outputs, seed: sampling.seed, sampler: sampling.sampler.to_string(), steps: sampling.steps }))
+    Ok(Json(EditResponse {
+        outputs,
+        seed: sampling.seed,
+        sampler: sampling.sampler.to_string(),
+        steps: sampling.steps,
+    }))
 }
 
 /// Readiness: 200 once the model is loaded and warmed up, 503 otherwise.
@@ -194,8 +219,12 @@ pub async fn health(State(state): State<AppState>) -> Result<Json<HealthResponse
     match state.engine.status() {
         Status::Ready => Ok(Json(HealthResponse { status: "ready".into() })),
         Status::Loading => Err(ApiError::unavailable("the model is loading")),
-        Status::Failed(reason) => Err(ApiError::unavailable(format!("the model failed to load: {reason}"))),
-        Status::Draining | Status::Stopped => Err(ApiError::unavailable("the server is shutting down")),
+        Status::Failed(reason) => {
+            Err(ApiError::unavailable(format!("the model failed to load: {reason}")))
+        }
+        Status::Draining | Status::Stopped => {
+            Err(ApiError::unavailable("the server is shutting down"))
+        }
     }
 }
 
@@ -225,7 +254,9 @@ pub async fn info(State(state): State<AppState>) -> Result<Json<InfoResponse>, A
 )]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let mut response = state.engine.metrics().render().into_response();
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     response
 }
 
@@ -244,7 +275,11 @@ pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
 
 /// JSON 404 for unknown paths.
 pub async fn not_found(request: Request) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no endpoint at {}", request.uri().path()))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no endpoint at {}", request.uri().path()),
+    )
 }
 
 /// JSON 405 for known paths with the wrong method.
@@ -270,7 +305,12 @@ impl AppState {
     /// Validates slot sets against the served model.
     fn decode_sets(&self, sets: &[SlotSetJson]) -> Result<Vec<SlotSet>, ApiError> {
         let spec = self.slot_spec()?;
-        sets.iter().enumerate().map(|(i, s)| s.decode(&spec).map_err(|e| ApiError::from(e).at(format!("slot set {i}")))).collect()
+        sets.iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.decode(&spec).map_err(|e| ApiError::from(e).at(format!("slot set {i}")))
+            })
+            .collect()
     }
 
     /// Refuses edits with more outputs, or outputs with more slots, than the limits.
@@ -281,7 +321,12 @@ impl AppState {
             Some(o) => Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_edit",
-                format!("{:?} would have {} slots; at most {} are allowed", o.origin, o.slots.len(), limits.max_slots),
+                format!(
+                    "{:?} would have {} slots; at most {} are allowed",
+                    o.origin,
+                    o.slots.len(),
+                    limits.max_slots
+                ),
             )),
             None => Ok(()),
         }

@@ -60,7 +60,12 @@ impl Sampling {
     pub fn specs(&self, sets: Vec<SlotSet>) -> Vec<RenderSpec> {
         sets.into_iter()
             .enumerate()
-            .map(|(i, slots)| RenderSpec { slots, seed: self.seed_of(i), sampler: self.sampler, steps: self.steps })
+            .map(|(i, slots)| RenderSpec {
+                slots,
+                seed: self.seed_of(i),
+                sampler: self.sampler,
+                steps: self.steps,
+            })
             .collect()
     }
 }

@@ -94,7 +94,9 @@ impl SlotSetInput {
 /// the field at fault instead of "no variant matched".
 impl<'de> Deserialize<'de> for SlotSetInput {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        fn parse<T: DeserializeOwned, E: serde::de::Error>(value: serde_json::Value) -> Result<T, E> {
+        fn parse<T: DeserializeOwned, E: serde::de::Error>(
+            value: serde_json::Value,
+        ) -> Result<T, E> {
             serde_json::from_value(value).map_err(E::custom)
         }
         match serde_json::Value::deserialize(deserializer)? {

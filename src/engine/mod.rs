@@ -197,7 +197,8 @@ impl Engine {
     /// Waits until the model is ready (`Ok`) or will never be (`Err` with the reason).
     pub async fn wait_ready(&self) -> Result<(), String> {
         let mut rx = self.shared.status.subscribe();
-        let status = rx.wait_for(|s| *s != Status::Loading).await.map_err(|e| e.to_string())?.clone();
+        let status =
+            rx.wait_for(|s| *s != Status::Loading).await.map_err(|e| e.to_string())?.clone();
         match status {
             Status::Ready => Ok(()),
             Status::Failed(reason) => Err(reason),
@@ -235,7 +236,10 @@ impl Engine {
 
     /// Queues render jobs; their progress and images arrive on the returned receiver.
     /// Dropping the receiver cancels the jobs at the model thread's next iteration.
-    pub fn render(&self, specs: Vec<RenderSpec>) -> Result<mpsc::UnboundedReceiver<RenderEvent>, EngineError> {
+    pub fn render(
+        &self,
+        specs: Vec<RenderSpec>,
+    ) -> Result<mpsc::UnboundedReceiver<RenderEvent>, EngineError> {
         let (events, receiver) = mpsc::unbounded_channel();
         self.submit(Work::Render(RenderWork { specs, events }))?;
         Ok(receiver)
@@ -244,11 +248,15 @@ impl Engine {
     fn submit(&self, work: Work) -> Result<(), EngineError> {
         match self.status() {
             Status::Ready => {}
-            Status::Loading => return Err(EngineError::Unavailable("the model is still loading".into())),
+            Status::Loading => {
+                return Err(EngineError::Unavailable("the model is still loading".into()))
+            }
             Status::Draining | Status::Stopped => {
                 return Err(EngineError::Unavailable("the server is shutting down".into()))
             }
-            Status::Failed(reason) => return Err(EngineError::Unavailable(format!("the model failed: {reason}"))),
+            Status::Failed(reason) => {
+                return Err(EngineError::Unavailable(format!("the model failed: {reason}")))
+            }
         }
         let waiting = self.shared.waiting.fetch_add(1, Ordering::SeqCst) + 1;
         match self.queue.try_send(Entry { work, queued: Instant::now() }) {
@@ -260,7 +268,9 @@ impl Engine {
                 self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
                 Err(match e {
                     TrySendError::Full(_) => EngineError::QueueFull(self.max_queue),
-                    TrySendError::Disconnected(_) => EngineError::Unavailable("the model thread stopped".into()),
+                    TrySendError::Disconnected(_) => {
+                        EngineError::Unavailable("the model thread stopped".into())
+                    }
                 })
             }
         }

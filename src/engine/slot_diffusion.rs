@@ -57,7 +57,13 @@ impl Model for SlotDiffusion {
             .zip(rows::<u32>(&d.segmentation)?)
             .map(|((slots, masks), segmentation)| {
                 let slot_size = slots.len() / k;
-                Ok(Decomposed { slots: SlotSet::new(slot_size, slots, model)?, masks, segmentation, width, height })
+                Ok(Decomposed {
+                    slots: SlotSet::new(slot_size, slots, model)?,
+                    masks,
+                    segmentation,
+                    width,
+                    height,
+                })
             })
             .collect()
     }
@@ -65,7 +71,9 @@ impl Model for SlotDiffusion {
     fn start_render(&self, spec: &RenderSpec) -> anyhow::Result<RenderJob> {
         let s = &spec.slots;
         Tensor::from_slice(s.values(), (s.num_slots(), s.slot_size()), self.device())
-            .and_then(|slots| SlotDiffusion::start_render(self, &slots, spec.seed, spec.sampler, spec.steps))
+            .and_then(|slots| {
+                SlotDiffusion::start_render(self, &slots, spec.seed, spec.sampler, spec.steps)
+            })
             .map_err(plain)
     }
 
@@ -78,6 +86,8 @@ impl Model for SlotDiffusion {
     }
 
     fn finish_render(&self, jobs: &[&RenderJob]) -> anyhow::Result<Vec<RgbImage>> {
-        SlotDiffusion::finish_render(self, jobs).and_then(|images| tensor_to_images(&images)).map_err(plain)
+        SlotDiffusion::finish_render(self, jobs)
+            .and_then(|images| tensor_to_images(&images))
+            .map_err(plain)
     }
 }

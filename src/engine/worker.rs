@@ -13,14 +13,18 @@ use image::RgbImage;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{
-    DecomposeWork, EngineConfig, EngineError, Entry, Model, RenderEvent, RenderSpec, RenderWork, Shared,
-    Status, Work,
+    DecomposeWork, EngineConfig, EngineError, Entry, Model, RenderEvent, RenderSpec, RenderWork,
+    Shared, Status, Work,
 };
 use crate::model::sampler::SamplerKind;
 
 /// The model thread's body.
-pub(super) fn run<M, F>(loader: F, config: EngineConfig, shared: Arc<Shared>, queue: Receiver<Entry>)
-where
+pub(super) fn run<M, F>(
+    loader: F,
+    config: EngineConfig,
+    shared: Arc<Shared>,
+    queue: Receiver<Entry>,
+) where
     M: Model,
     F: FnOnce() -> anyhow::Result<M>,
 {
@@ -57,8 +61,10 @@ fn prepare<M: Model>(model: M, config: &EngineConfig, shared: &Shared) -> Result
 fn warm_up<M: Model>(model: &M, resolution: u32) -> anyhow::Result<()> {
     let image = RgbImage::from_pixel(resolution, resolution, image::Rgb([128, 128, 128]));
     let decomposed = model.decompose(&[image])?;
-    let slots = decomposed.into_iter().next().ok_or_else(|| anyhow::anyhow!("no decomposition"))?.slots;
-    let mut job = model.start_render(&RenderSpec { slots, seed: 0, sampler: SamplerKind::Ddim, steps: 1 })?;
+    let slots =
+        decomposed.into_iter().next().ok_or_else(|| anyhow::anyhow!("no decomposition"))?.slots;
+    let mut job =
+        model.start_render(&RenderSpec { slots, seed: 0, sampler: SamplerKind::Ddim, steps: 1 })?;
     while !is_done(model, &job) {
         model.denoise_step(&mut [&mut job])?;
     }
@@ -73,7 +79,10 @@ fn guarded<T>(f: impl FnOnce() -> anyhow::Result<T>) -> Result<T, String> {
             .downcast_ref::<String>()
             .cloned()
             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .map_or_else(|| "the model panicked".to_string(), |m| format!("the model panicked: {m}"))),
+            .map_or_else(
+                || "the model panicked".to_string(),
+                |m| format!("the model panicked: {m}"),
+            )),
     }
 }
 
@@ -118,7 +127,16 @@ struct Worker<M: Model> {
 
 impl<M: Model> Worker<M> {
     fn new(model: M, max_batch: usize, shared: Arc<Shared>, queue: Receiver<Entry>) -> Self {
-        Self { model, max_batch, shared, queue, open: true, held: None, pending: VecDeque::new(), active: Vec::new() }
+        Self {
+            model,
+            max_batch,
+            shared,
+            queue,
+            open: true,
+            held: None,
+            pending: VecDeque::new(),
+            active: Vec::new(),
+        }
     }
 
     fn idle(&self) -> bool {
@@ -144,7 +162,11 @@ impl<M: Model> Worker<M> {
         if let Some(entry) = self.held.take() {
             return Some(entry);
         }
-        let received = if block { self.queue.recv().map_err(|_| TryRecvError::Disconnected) } else { self.queue.try_recv() };
+        let received = if block {
+            self.queue.recv().map_err(|_| TryRecvError::Disconnected)
+        } else {
+            self.queue.try_recv()
+        };
         match received {
             Ok(entry) => Some(entry),
             Err(TryRecvError::Empty) => None,
@@ -185,9 +207,11 @@ impl<M: Model> Worker<M> {
 
     fn enqueue_render(&mut self, work: RenderWork) {
         let RenderWork { specs, events } = work;
-        self.pending.extend(
-            specs.into_iter().enumerate().map(|(index, spec)| PendingRender { spec, index, events: events.clone() }),
-        );
+        self.pending.extend(specs.into_iter().enumerate().map(|(index, spec)| PendingRender {
+            spec,
+            index,
+            events: events.clone(),
+        }));
     }
 
     /// Drops the jobs whose caller went away.
@@ -212,16 +236,24 @@ impl<M: Model> Worker<M> {
         let images: Vec<RgbImage> = batch.iter().flat_map(|d| d.images.iter().cloned()).collect();
         let metrics = &self.shared.metrics;
         metrics.batch("decompose", images.len());
-        let result = guarded(|| self.model.decompose(&images)).and_then(|outs| match outs.len() == images.len() {
-            true => Ok(outs),
-            false => Err(format!("decompose returned {} results for {} images", outs.len(), images.len())),
+        let result = guarded(|| self.model.decompose(&images)).and_then(|outs| {
+            match outs.len() == images.len() {
+                true => Ok(outs),
+                false => Err(format!(
+                    "decompose returned {} results for {} images",
+                    outs.len(),
+                    images.len()
+                )),
+            }
         });
         let mut outs = match result {
             Ok(outs) => outs.into_iter(),
             Err(e) => {
                 tracing::error!("decompose failed: {e}");
                 metrics.model_error("decompose");
-                batch.into_iter().for_each(|d| drop(d.reply.send(Err(EngineError::Internal(e.clone())))));
+                batch
+                    .into_iter()
+                    .for_each(|d| drop(d.reply.send(Err(EngineError::Internal(e.clone())))));
                 return;
             }
         };
@@ -235,10 +267,14 @@ impl<M: Model> Worker<M> {
     /// Starts admitted jobs while the active batch has room.
     fn start_pending(&mut self) {
         while self.active.len() < self.max_batch {
-            let Some(PendingRender { spec, index, events }) = self.pending.pop_front() else { break };
+            let Some(PendingRender { spec, index, events }) = self.pending.pop_front() else {
+                break;
+            };
             match guarded(|| self.model.start_render(&spec)) {
                 Ok(job) => self.active.push(ActiveRender { job, index, events }),
-                Err(e) => drop(events.send(RenderEvent::Failed { index, error: EngineError::Rejected(e) })),
+                Err(e) => drop(
+                    events.send(RenderEvent::Failed { index, error: EngineError::Rejected(e) }),
+                ),
             }
         }
         self.shared.metrics.active_renders(self.active.len());
@@ -269,17 +305,22 @@ impl<M: Model> Worker<M> {
 
     /// Decodes the finished jobs together and delivers their images.
     fn finish(&mut self) {
-        let (done, running): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.active).into_iter().partition(|a| is_done(&self.model, &a.job));
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
+            .into_iter()
+            .partition(|a| is_done(&self.model, &a.job));
         self.active = running;
         if done.is_empty() {
             return;
         }
         let jobs: Vec<&M::Job> = done.iter().map(|a| &a.job).collect();
         self.shared.metrics.batch("decode", jobs.len());
-        let result = guarded(|| self.model.finish_render(&jobs)).and_then(|images| match images.len() == jobs.len() {
-            true => Ok(images),
-            false => Err(format!("decode returned {} images for {} jobs", images.len(), jobs.len())),
+        let result = guarded(|| self.model.finish_render(&jobs)).and_then(|images| {
+            match images.len() == jobs.len() {
+                true => Ok(images),
+                false => {
+                    Err(format!("decode returned {} images for {} jobs", images.len(), jobs.len()))
+                }
+            }
         });
         match result {
             Ok(images) => {

@@ -1,28 +1,39 @@
 //! The latent-diffusion UNet of SlotDiffusion (LDM `openaimodel` layout: `input_blocks`,
-//! `middle_block`, `output_blocks`), predicting the noise in a latent from its timestep and
-//! cross-attending to the slots. Unlike the usual implementations it takes one (possibly
-//! fractional) timestep per sample, and a mask over slots, so that requests at different
-//! denoising steps and with different slot counts share one forward pass.
+//! `middle_block`, `output_blocks`; official `video_based/models/unet/`), predicting the noise
+//! in a latent from its timestep while cross-attending to the slots.
+//!
+//! Unlike the usual implementations it takes one (possibly fractional) timestep per sample
+//! and a mask over slots, so that requests at different denoising steps and with different
+//! slot counts share one forward pass. The slots' cross-attention keys and values do not
+//! change between denoising steps: [`UNetModel::context_kv`] computes them once per slot set
+//! and [`UNetModel::forward_kv`] reuses them; [`ContextKv::cat`] batches the sets of several
+//! requests, padding and masking the shorter ones.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{bail, DType, Module, Result, Tensor, D};
 use candle_nn::{conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig};
 use candle_nn::{GroupNorm, LayerNorm, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::ShapeMap;
 
-/// GroupNorm epsilon of the residual blocks and the output head (`GroupNorm32` default).
+/// GroupNorm epsilon of the residual blocks and the output head (`normalization()` in
+/// `utils.py` is `GroupNorm32(32, c)`, PyTorch's default eps).
 const RES_NORM_EPS: f64 = 1e-5;
 /// GroupNorm epsilon in front of each spatial transformer (`attention.py::Normalize`).
 const ATTN_NORM_EPS: f64 = 1e-6;
-/// LayerNorm epsilon inside the transformer blocks (PyTorch default).
+/// LayerNorm epsilon inside the transformer blocks (PyTorch's default).
 const LAYER_NORM_EPS: f64 = 1e-5;
 /// Groups of every GroupNorm.
 const NORM_GROUPS: usize = 32;
 /// Longest period of the sinusoidal timestep embedding.
 const MAX_PERIOD: f64 = 10000.0;
+/// Hidden width of the GEGLU feed-forward, as a multiple of the transformer width.
+const FF_MULT: usize = 4;
+/// Width of the timestep embedding, as a multiple of `model_channels`.
+const TIME_EMBED_MULT: usize = 4;
 
-/// Sizes of the UNet; all but the head width are readable from a checkpoint's shapes.
+/// Sizes of the UNet; all but the head width are readable from a checkpoint's shapes
+/// ([`UNetConfig::infer`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UNetConfig {
     /// Latent channels in.
@@ -35,10 +46,11 @@ pub struct UNetConfig {
     pub channel_mult: Vec<usize>,
     /// Residual blocks per level on the way down (one more on the way up).
     pub num_res_blocks: usize,
-    /// Whether each level has a spatial transformer after its residual blocks (the official
-    /// `attention_resolutions` (8, 4, 2) with 4 levels is [false, true, true, true]).
+    /// Whether each level has a spatial transformer after each residual block. The official
+    /// `attention_resolutions` are downsampling factors: (8, 4, 2) with 4 levels (factors
+    /// 1, 2, 4, 8) is [false, true, true, true]. The middle block always has one.
     pub attention_levels: Vec<bool>,
-    /// Channels per attention head (`num_head_channels`).
+    /// Channels per attention head (`num_head_channels`); heads = channels / this.
     pub num_head_channels: usize,
     /// Transformer blocks per spatial transformer.
     pub transformer_depth: usize,
@@ -47,8 +59,9 @@ pub struct UNetConfig {
 }
 
 impl UNetConfig {
-    /// Reads the sizes from the tensors under `prefix`; `num_head_channels` cannot be read
-    /// from shapes and is given.
+    /// Reads the sizes from the tensors under `prefix` (e.g.
+    /// `dm_decoder.model.diffusion_model`); `num_head_channels` cannot be read from shapes
+    /// and is given (32 in every official config).
     pub fn infer(shapes: &ShapeMap, prefix: &str, num_head_channels: usize) -> Result<Self> {
         let key = |k: &str| format!("{prefix}.{k}");
         let model_channels = shapes.dim(&key("input_blocks.0.0.weight"), 0)?;
@@ -86,7 +99,7 @@ impl UNetConfig {
 
     /// Width of the timestep embedding.
     fn time_embed_dim(&self) -> usize {
-        4 * self.model_channels
+        TIME_EMBED_MULT * self.model_channels
     }
 }
 
@@ -98,16 +111,13 @@ fn conv1(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv2d> {
     conv2d(in_c, out_c, 1, Conv2dConfig::default(), vb)
 }
 
-/// GroupNorm computed in f32 whatever the activations' dtype (the official `GroupNorm32`).
-fn norm_f32(norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
-    norm.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
-}
-
-/// Sinusoidal embedding [B, dim] of per-sample (fractional) timesteps [B]: `cat(cos, sin)`.
+/// Sinusoidal embedding [B, dim] (f32) of per-sample, possibly fractional, timesteps [B]:
+/// `cat(cos(t·f), sin(t·f))` with `f_i = exp(−ln(10⁴)·i/half)`, in the official f32
+/// arithmetic order (odd `dim` gets a zero column).
 pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
     let half = dim / 2;
-    let freqs: Vec<f32> =
-        (0..half).map(|i| (-(MAX_PERIOD.ln()) * i as f64 / half as f64).exp() as f32).collect();
+    let log_period = -(MAX_PERIOD.ln() as f32);
+    let freqs: Vec<f32> = (0..half).map(|i| (log_period * i as f32 / half as f32).exp()).collect();
     let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
     let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
     let emb = Tensor::cat(&[args.cos()?, args.sin()?], 1)?;
@@ -118,7 +128,7 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
     }
 }
 
-/// Residual block conditioned on the timestep embedding.
+/// Residual block conditioned on the timestep embedding (added after the first conv).
 #[derive(Debug, Clone)]
 struct ResBlock {
     in_norm: GroupNorm,
@@ -132,7 +142,7 @@ struct ResBlock {
 impl ResBlock {
     fn new(in_c: usize, out_c: usize, emb_dim: usize, vb: VarBuilder) -> Result<Self> {
         let skip =
-            if in_c != out_c { Some(conv1(in_c, out_c, vb.pp("skip_connection"))?) } else { None };
+            (in_c != out_c).then(|| conv1(in_c, out_c, vb.pp("skip_connection"))).transpose()?;
         Ok(Self {
             in_norm: group_norm(NORM_GROUPS, in_c, RES_NORM_EPS, vb.pp("in_layers.0"))?,
             in_conv: conv3(in_c, out_c, 1, vb.pp("in_layers.2"))?,
@@ -143,11 +153,12 @@ impl ResBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
-        let h = self.in_conv.forward(&norm_f32(&self.in_norm, x)?.silu()?)?;
-        let e = self.emb.forward(&emb.silu()?)?.to_dtype(h.dtype())?;
+    /// `emb_silu`: the timestep embedding [B, E] after its SiLU (shared by every block).
+    fn forward(&self, x: &Tensor, emb_silu: &Tensor) -> Result<Tensor> {
+        let h = self.in_conv.forward(&self.in_norm.forward(x)?.silu()?)?;
+        let e = self.emb.forward(emb_silu)?;
         let h = h.broadcast_add(&e.unsqueeze(2)?.unsqueeze(3)?)?;
-        let h = self.out_conv.forward(&norm_f32(&self.out_norm, &h)?.silu()?)?;
+        let h = self.out_conv.forward(&self.out_norm.forward(&h)?.silu()?)?;
         match &self.skip {
             Some(skip) => skip.forward(x)? + h,
             None => x + h,
@@ -155,7 +166,8 @@ impl ResBlock {
     }
 }
 
-/// Multi-head attention of `x` to `context` (itself for self-attention), no q/k/v bias.
+/// Multi-head attention (`CrossAttention`): q from `x`, k/v from a context (`x` itself for
+/// self-attention), no q/k/v bias, logits scaled by `head_dim^-1/2` after the product.
 #[derive(Debug, Clone)]
 struct Attention {
     to_q: Linear,
@@ -182,24 +194,35 @@ impl Attention {
         t.reshape((b, n, self.heads, c / self.heads))?.transpose(1, 2)?.contiguous()
     }
 
-    /// `key_bias`: [B, 1, 1, Nk], 0 for keys to attend and −∞ for padding.
-    fn forward(&self, x: &Tensor, context: &Tensor, key_bias: Option<&Tensor>) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let q = self.split_heads(&self.to_q.forward(x)?)?;
+    /// Keys and values [B, heads, N, head_dim] of `context` [B, N, context_dim].
+    fn key_value(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
+        Ok((k, v))
+    }
+
+    /// Attention of `x` [B, N, dim] to precomputed keys and values; `bias` [B, 1, 1, Nk] is
+    /// added to the logits (−∞ hides a key).
+    fn attend(&self, x: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        let q = self.split_heads(&self.to_q.forward(x)?)?;
         let scale = ((c / self.heads) as f64).powf(-0.5);
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(bias) = key_bias {
-            scores = scores.broadcast_add(bias)?;
+        let mut logits = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(bias) = bias {
+            logits = logits.broadcast_add(bias)?;
         }
-        let attn = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        let attn = candle_nn::ops::softmax_last_dim(&logits)?;
+        let out = attn.matmul(v)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.to_out.forward(&out)
+    }
+
+    fn self_attend(&self, x: &Tensor) -> Result<Tensor> {
+        let (k, v) = self.key_value(x)?;
+        self.attend(x, &k, &v, None)
     }
 }
 
-/// GEGLU feed-forward: Linear → (x · GELU(gate)) → Linear, with exact (erf) GELU.
+/// GEGLU feed-forward: Linear → (value · GELU(gate)) → Linear, with exact (erf) GELU.
 #[derive(Debug, Clone)]
 struct FeedForward {
     proj: Linear,
@@ -208,7 +231,7 @@ struct FeedForward {
 
 impl FeedForward {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
-        let inner = 4 * dim;
+        let inner = FF_MULT * dim;
         Ok(Self {
             proj: linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
             out: linear(inner, dim, vb.pp("net.2"))?,
@@ -235,24 +258,33 @@ struct TransformerBlock {
     attn2: Attention,
     norm3: LayerNorm,
     ff: FeedForward,
+    /// Which entry of a [`ContextKv`] holds this block's slot keys and values.
+    kv_index: usize,
 }
 
 impl TransformerBlock {
-    fn new(dim: usize, context_dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        dim: usize,
+        cfg: &UNetConfig,
+        heads: usize,
+        kv_index: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Self {
             norm1: layer_norm(dim, LAYER_NORM_EPS, vb.pp("norm1"))?,
             attn1: Attention::new(dim, dim, heads, vb.pp("attn1"))?,
             norm2: layer_norm(dim, LAYER_NORM_EPS, vb.pp("norm2"))?,
-            attn2: Attention::new(dim, context_dim, heads, vb.pp("attn2"))?,
+            attn2: Attention::new(dim, cfg.context_dim, heads, vb.pp("attn2"))?,
             norm3: layer_norm(dim, LAYER_NORM_EPS, vb.pp("norm3"))?,
             ff: FeedForward::new(dim, vb.pp("ff"))?,
+            kv_index,
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor, slot_bias: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.norm1.forward(x)?;
-        let x = (self.attn1.forward(&h, &h, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, context, slot_bias)? + x)?;
+    fn forward(&self, x: &Tensor, ctx: &ContextKv) -> Result<Tensor> {
+        let (k, v) = &ctx.kv[self.kv_index];
+        let x = (self.attn1.self_attend(&self.norm1.forward(x)?)? + x)?;
+        let x = (self.attn2.attend(&self.norm2.forward(&x)?, k, v, ctx.bias.as_ref())? + x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + x
     }
 }
@@ -267,29 +299,42 @@ struct SpatialTransformer {
 }
 
 impl SpatialTransformer {
-    fn new(c: usize, cfg: &UNetConfig, vb: VarBuilder) -> Result<Self> {
-        let heads = (c / cfg.num_head_channels).max(1);
+    /// `next_kv`: the [`ContextKv`] index of the first block, advanced past the last.
+    fn new(c: usize, cfg: &UNetConfig, next_kv: &mut usize, vb: VarBuilder) -> Result<Self> {
+        let heads = c / cfg.num_head_channels;
+        if heads == 0 {
+            bail!("{c} channels are fewer than one head of {}", cfg.num_head_channels);
+        }
+        let inner = heads * cfg.num_head_channels;
         let blocks = (0..cfg.transformer_depth)
             .map(|i| {
-                TransformerBlock::new(c, cfg.context_dim, heads, vb.pp("transformer_blocks").pp(i))
+                *next_kv += 1;
+                TransformerBlock::new(
+                    inner,
+                    cfg,
+                    heads,
+                    *next_kv - 1,
+                    vb.pp("transformer_blocks").pp(i),
+                )
             })
             .collect::<Result<_>>()?;
         Ok(Self {
             norm: group_norm(NORM_GROUPS, c, ATTN_NORM_EPS, vb.pp("norm"))?,
-            proj_in: conv1(c, c, vb.pp("proj_in"))?,
+            proj_in: conv1(c, inner, vb.pp("proj_in"))?,
             blocks,
-            proj_out: conv1(c, c, vb.pp("proj_out"))?,
+            proj_out: conv1(inner, c, vb.pp("proj_out"))?,
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor, slot_bias: Option<&Tensor>) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
+    fn forward(&self, x: &Tensor, ctx: &ContextKv) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
         let t = self.proj_in.forward(&self.norm.forward(x)?)?;
+        let inner = t.dim(1)?;
         let mut t = t.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
         for block in &self.blocks {
-            t = block.forward(&t, context, slot_bias)?;
+            t = block.forward(&t, ctx)?;
         }
-        let t = t.transpose(1, 2)?.reshape((b, c, h, w))?;
+        let t = t.transpose(1, 2)?.reshape((b, inner, h, w))?;
         self.proj_out.forward(&t)? + x
     }
 }
@@ -297,25 +342,20 @@ impl SpatialTransformer {
 /// One element of a `TimestepEmbedSequential`.
 #[derive(Debug, Clone)]
 enum Layer {
+    /// The input convolution, or a downsampling one (3×3, stride 2, `op`).
     Conv(Conv2d),
     Res(ResBlock),
     Attn(SpatialTransformer),
-    /// Nearest ×2, then a 3×3 convolution.
+    /// Nearest ×2, then a 3×3 convolution (`conv`).
     Upsample(Conv2d),
 }
 
 impl Layer {
-    fn forward(
-        &self,
-        x: &Tensor,
-        emb: &Tensor,
-        context: &Tensor,
-        slot_bias: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, emb_silu: &Tensor, ctx: &ContextKv) -> Result<Tensor> {
         match self {
             Self::Conv(c) => c.forward(x),
-            Self::Res(r) => r.forward(x, emb),
-            Self::Attn(a) => a.forward(x, context, slot_bias),
+            Self::Res(r) => r.forward(x, emb_silu),
+            Self::Attn(a) => a.forward(x, ctx),
             Self::Upsample(c) => {
                 let (_, _, h, w) = x.dims4()?;
                 c.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
@@ -324,23 +364,101 @@ impl Layer {
     }
 }
 
-/// A sequence of layers sharing the timestep embedding and the context.
+/// A sequence of layers sharing the timestep embedding and the slots.
 #[derive(Debug, Clone)]
 struct Block(Vec<Layer>);
 
 impl Block {
-    fn forward(
-        &self,
-        x: &Tensor,
-        emb: &Tensor,
-        context: &Tensor,
-        slot_bias: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        self.0.iter().try_fold(x.clone(), |h, l| l.forward(&h, emb, context, slot_bias))
+    fn forward(&self, x: &Tensor, emb_silu: &Tensor, ctx: &ContextKv) -> Result<Tensor> {
+        self.0.iter().try_fold(x.clone(), |h, l| l.forward(&h, emb_silu, ctx))
+    }
+
+    fn transformer_blocks(&self) -> impl Iterator<Item = &TransformerBlock> {
+        self.0.iter().flat_map(|l| match l {
+            Layer::Attn(a) => a.blocks.as_slice(),
+            _ => &[][..],
+        })
     }
 }
 
-/// The noise-predicting UNet.
+/// The slots' cross-attention keys and values for every transformer block of one UNet, for
+/// a batch of slot sets: computed once per set ([`UNetModel::context_kv`]) and reused at
+/// every denoising step ([`UNetModel::forward_kv`]).
+#[derive(Debug, Clone)]
+pub struct ContextKv {
+    /// (keys, values) [B, heads, K, head_dim] per transformer block, in `kv_index` order.
+    kv: Vec<(Tensor, Tensor)>,
+    /// Added to the cross-attention logits [B, 1, 1, K]: 0 for a real slot, −∞ for padding;
+    /// `None` when every slot is real.
+    bias: Option<Tensor>,
+}
+
+impl ContextKv {
+    /// Slot sets in the batch.
+    pub fn batch_size(&self) -> usize {
+        self.kv.first().map_or(0, |(k, _)| k.dims()[0])
+    }
+
+    /// Slots per set, padding included.
+    pub fn num_slots(&self) -> usize {
+        self.kv.first().map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Stacks the slot sets of several batches (e.g. one per request) into one batch,
+    /// zero-padding the keys and values of shorter sets to the longest and masking the
+    /// padding out, so that each sample attends to its own slots only.
+    pub fn cat(parts: &[&ContextKv]) -> Result<Self> {
+        let Some(first) = parts.first() else { bail!("no slot sets to concatenate") };
+        if parts.iter().any(|p| p.kv.len() != first.kv.len()) {
+            bail!("slot keys and values come from different UNets");
+        }
+        let k_max = parts.iter().map(|p| p.num_slots()).max().unwrap_or(0);
+        let kv = (0..first.kv.len())
+            .map(|i| {
+                let stack = |pick: fn(&(Tensor, Tensor)) -> &Tensor| {
+                    let padded = parts
+                        .iter()
+                        .map(|p| pick(&p.kv[i]).pad_with_zeros(2, 0, k_max - p.num_slots()))
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::cat(&padded, 0)
+                };
+                Ok((stack(|kv| &kv.0)?, stack(|kv| &kv.1)?))
+            })
+            .collect::<Result<_>>()?;
+        let masked = parts.iter().any(|p| p.bias.is_some() || p.num_slots() < k_max);
+        let bias = if masked {
+            let biases = parts.iter().map(|p| p.padded_bias(k_max)).collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&biases, 0)?)
+        } else {
+            None
+        };
+        Ok(Self { kv, bias })
+    }
+
+    /// This batch's logit bias [B, 1, 1, k_max], the slots past its own count hidden.
+    fn padded_bias(&self, k_max: usize) -> Result<Tensor> {
+        let (k, _) = &self.kv[0];
+        let (b, k_own) = (self.batch_size(), self.num_slots());
+        let own = match &self.bias {
+            Some(bias) => bias.clone(),
+            None => Tensor::zeros((b, 1, 1, k_own), k.dtype(), k.device())?,
+        };
+        let hidden = Tensor::full(f32::NEG_INFINITY, (b, 1, 1, k_max - k_own), k.device())?;
+        Tensor::cat(&[own, hidden.to_dtype(k.dtype())?], 3)
+    }
+}
+
+/// Additive logit bias [B, 1, 1, K] from a slot mask [B, K]: 0 where ≥ 0.5, −∞ elsewhere.
+fn slot_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (b, k) = mask.dims2()?;
+    let keep = mask.to_dtype(DType::F32)?.ge(0.5)?;
+    let zeros = Tensor::zeros((b, k), DType::F32, mask.device())?;
+    let hidden = Tensor::full(f32::NEG_INFINITY, (b, k), mask.device())?;
+    keep.where_cond(&zeros, &hidden)?.reshape((b, 1, 1, k))?.to_dtype(dtype)
+}
+
+/// The noise-predicting UNet, with weights under the official names (`time_embed`,
+/// `input_blocks`, `middle_block`, `output_blocks`, `out`).
 #[derive(Debug, Clone)]
 pub struct UNetModel {
     time_in: Linear,
@@ -351,26 +469,32 @@ pub struct UNetModel {
     out_norm: GroupNorm,
     out_conv: Conv2d,
     model_channels: usize,
+    dtype: DType,
 }
 
 impl UNetModel {
-    /// Builds the UNet from tensors named as in the official checkpoints.
+    /// Builds the UNet from tensors named as in the official checkpoints (`vb` at the UNet's
+    /// prefix, e.g. `dm_decoder.model.diffusion_model`).
     pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
         let mc = cfg.model_channels;
         let emb_dim = cfg.time_embed_dim();
+        let mut next_kv = 0;
         let res = |i: usize, o: usize, vb: VarBuilder| -> Result<Layer> {
             Ok(Layer::Res(ResBlock::new(i, o, emb_dim, vb)?))
         };
-        let attn = |c: usize, vb: VarBuilder| -> Result<Layer> {
-            Ok(Layer::Attn(SpatialTransformer::new(c, cfg, vb)?))
+        let mut attn = |c: usize, vb: VarBuilder| -> Result<Layer> {
+            Ok(Layer::Attn(SpatialTransformer::new(c, cfg, &mut next_kv, vb)?))
         };
+        let levels = cfg.channel_mult.len();
+        if cfg.attention_levels.len() != levels {
+            bail!("{} attention flags for {levels} levels", cfg.attention_levels.len());
+        }
 
         let vb_in = vb.pp("input_blocks");
         let mut input_blocks =
             vec![Block(vec![Layer::Conv(conv3(cfg.in_channels, mc, 1, vb_in.pp("0.0"))?)])];
         let mut skip_channels = vec![mc];
         let mut ch = mc;
-        let levels = cfg.channel_mult.len();
         for (level, &mult) in cfg.channel_mult.iter().enumerate() {
             for _ in 0..cfg.num_res_blocks {
                 let vb_b = vb_in.pp(input_blocks.len());
@@ -400,19 +524,17 @@ impl UNetModel {
         for (level, &mult) in cfg.channel_mult.iter().enumerate().rev() {
             for i in 0..=cfg.num_res_blocks {
                 let vb_b = vb_out.pp(output_blocks.len());
-                let skip = skip_channels.pop().expect("one skip connection per input block");
+                let Some(skip) = skip_channels.pop() else {
+                    bail!("more output than input blocks")
+                };
                 let mut layers = vec![res(ch + skip, mult * mc, vb_b.pp(0))?];
                 ch = mult * mc;
                 if cfg.attention_levels[level] {
                     layers.push(attn(ch, vb_b.pp(1))?);
                 }
                 if level > 0 && i == cfg.num_res_blocks {
-                    layers.push(Layer::Upsample(conv3(
-                        ch,
-                        ch,
-                        1,
-                        vb_b.pp(layers.len()).pp("conv"),
-                    )?));
+                    let conv = conv3(ch, ch, 1, vb_b.pp(layers.len()).pp("conv"))?;
+                    layers.push(Layer::Upsample(conv));
                 }
                 output_blocks.push(Block(layers));
             }
@@ -426,7 +548,30 @@ impl UNetModel {
             out_norm: group_norm(NORM_GROUPS, ch, RES_NORM_EPS, vb.pp("out.0"))?,
             out_conv: conv3(ch, cfg.out_channels, 1, vb.pp("out.2"))?,
             model_channels: mc,
+            dtype: vb.dtype(),
         })
+    }
+
+    /// Every transformer block in `kv_index` order (the order they were built and run in).
+    fn transformer_blocks(&self) -> impl Iterator<Item = &TransformerBlock> {
+        self.input_blocks
+            .iter()
+            .chain(std::iter::once(&self.middle_block))
+            .chain(&self.output_blocks)
+            .flat_map(Block::transformer_blocks)
+    }
+
+    /// Cross-attention keys and values of slot sets `context` [B, K, D] for every
+    /// transformer block, to reuse across denoising steps. `context_mask` [B, K]: 1 for a
+    /// real slot, 0 for padding (every set needs at least one real slot).
+    pub fn context_kv(&self, context: &Tensor, context_mask: Option<&Tensor>) -> Result<ContextKv> {
+        let context = context.to_dtype(self.dtype)?;
+        let kv = self
+            .transformer_blocks()
+            .map(|b| b.attn2.key_value(&context))
+            .collect::<Result<_>>()?;
+        let bias = context_mask.map(|m| slot_bias(m, self.dtype)).transpose()?;
+        Ok(ContextKv { kv, bias })
     }
 
     /// Predicted noise [B, C, h, w] for latents `x` [B, C, h, w] at per-sample timesteps
@@ -435,8 +580,9 @@ impl UNetModel {
         self.forward_masked(x, t, context, None)
     }
 
-    /// As [`forward`](Self::forward), where `context` is a padded batch of slot sets with
-    /// `context_mask` [B, K] (1 for a real slot, 0 for padding): padded slots get no attention.
+    /// As [`forward`](Self::forward), where `context` [B, K, D] is a padded batch of slot
+    /// sets and `context_mask` [B, K] says which slots are real (1) or padding (0): padded
+    /// slots get −∞ logits, so each sample's output equals that of its unpadded set alone.
     pub fn forward_masked(
         &self,
         x: &Tensor,
@@ -444,31 +590,37 @@ impl UNetModel {
         context: &Tensor,
         context_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let emb = timestep_embedding(t, self.model_channels)?.to_dtype(x.dtype())?;
-        let emb = self.time_out.forward(&self.time_in.forward(&emb)?.silu()?)?;
-        let context = context.to_dtype(x.dtype())?;
-        let slot_bias = context_mask.map(|m| slot_bias(m, x.dtype())).transpose()?;
-        let slot_bias = slot_bias.as_ref();
+        self.forward_kv(x, t, &self.context_kv(context, context_mask)?)
+    }
+
+    /// As [`forward`](Self::forward), with the slots' keys and values computed beforehand
+    /// ([`context_kv`](Self::context_kv), possibly batched with [`ContextKv::cat`]).
+    pub fn forward_kv(&self, x: &Tensor, t: &Tensor, ctx: &ContextKv) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        if t.dims() != [b] || ctx.batch_size() != b {
+            bail!(
+                "UNet batch: {b} latents, timesteps {:?}, {} slot sets",
+                t.dims(),
+                ctx.batch_size()
+            );
+        }
+        if ctx.kv.len() != self.transformer_blocks().count() {
+            bail!("slot keys and values come from a different UNet");
+        }
+        let emb = timestep_embedding(t, self.model_channels)?.to_dtype(self.dtype)?;
+        let emb_silu = self.time_out.forward(&self.time_in.forward(&emb)?.silu()?)?.silu()?;
+        let x = x.to_dtype(self.dtype)?;
         let mut skips = Vec::with_capacity(self.input_blocks.len());
-        let mut h = x.clone();
+        let mut h = x;
         for block in &self.input_blocks {
-            h = block.forward(&h, &emb, &context, slot_bias)?;
+            h = block.forward(&h, &emb_silu, ctx)?;
             skips.push(h.clone());
         }
-        h = self.middle_block.forward(&h, &emb, &context, slot_bias)?;
+        h = self.middle_block.forward(&h, &emb_silu, ctx)?;
         for block in &self.output_blocks {
-            let skip = skips.pop().expect("one skip connection per output block");
-            h = block.forward(&Tensor::cat(&[&h, &skip], 1)?, &emb, &context, slot_bias)?;
+            let Some(skip) = skips.pop() else { bail!("more output than input blocks") };
+            h = block.forward(&Tensor::cat(&[&h, &skip], 1)?, &emb_silu, ctx)?;
         }
-        self.out_conv.forward(&norm_f32(&self.out_norm, &h)?.silu()?)
+        self.out_conv.forward(&self.out_norm.forward(&h)?.silu()?)
     }
-}
-
-/// Additive attention bias [B, 1, 1, K] from a slot mask [B, K]: 0 where 1, −∞ where 0.
-fn slot_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
-    let (b, k) = mask.dims2()?;
-    let keep = mask.to_dtype(DType::F32)?.ge(0.5)?;
-    let zeros = Tensor::zeros((b, k), DType::F32, mask.device())?;
-    let neg = Tensor::full(f32::NEG_INFINITY, (b, k), mask.device())?;
-    keep.where_cond(&zeros, &neg)?.reshape((b, 1, 1, k))?.to_dtype(dtype)
 }

@@ -1,8 +1,10 @@
 //! The DINO ViT feature extractor of the VOC and COCO models: a Hugging Face `ViTModel`
 //! (frozen), whose last hidden state without the CLS token is the feature map (official
 //! `dino.py`). The transformer layers are candle-transformers' ViT encoder, which uses the
-//! same (transformers 4) names; the embeddings are ours, to interpolate position embeddings
-//! to other input sizes.
+//! same (transformers 4) names, LayerNorm eps 1e-12 and exact (erf) GELU; the embeddings are
+//! ours, to interpolate position embeddings to other input sizes (candle's are fixed-size).
+//! The official wrapper only runs at its training size; other sizes are our extension,
+//! following Hugging Face's `interpolate_pos_encoding` (bicubic, `align_corners = False`).
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{conv2d, layer_norm, Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
@@ -80,6 +82,10 @@ impl ViTConfig {
 /// our modules read (`layers.N.attention.q_proj` → `encoder.layer.N.attention.attention.query`,
 /// `o_proj` → `attention.output.dense`, `mlp.fc1`/`fc2` → `intermediate.dense`/`output.dense`);
 /// every other name passes unchanged, so it can be applied to every key of a checkpoint.
+/// The v5 names are those of `ViTModel` in transformers 5.23 (`modeling_vit.py`, and the
+/// inverse of the `"ViTModel"` renaming in its `conversion_mapping.py`): the layers sit
+/// directly under the model as `layers.N`; embeddings, `layernorm_before`/`layernorm_after`,
+/// the final `layernorm` and `pooler` keep their v4 names.
 pub fn canonical_name(name: &str) -> String {
     const RENAMES: [(&str, &str); 6] = [
         ("attention.q_proj.", "attention.attention.query."),
@@ -233,6 +239,16 @@ mod tests {
                 "encoder.dino.encoder.layer.0.attention.output.dense.bias",
             ),
             (
+                "encoder.dino.layers.0.attention.k_proj.bias",
+                "encoder.dino.encoder.layer.0.attention.attention.key.bias",
+            ),
+            (
+                "encoder.dino.layers.11.attention.v_proj.weight",
+                "encoder.dino.encoder.layer.11.attention.attention.value.weight",
+            ),
+            ("encoder.dino.embeddings.cls_token", "encoder.dino.embeddings.cls_token"),
+            ("encoder.dino.pooler.dense.weight", "encoder.dino.pooler.dense.weight"),
+            (
                 "encoder.dino.layers.1.mlp.fc1.weight",
                 "encoder.dino.encoder.layer.1.intermediate.dense.weight",
             ),
@@ -259,18 +275,15 @@ mod tests {
     }
 
     #[test]
-    fn bicubic_rows_sum_to_one_and_keep_ramps() {
+    fn bicubic_rows_sum_to_one_and_mirror() {
         for (n, m) in [(28, 28), (28, 40), (28, 16), (4, 7)] {
             let w = bicubic_matrix(n, m);
-            let scale = n as f32 / m as f32;
             for o in 0..m {
                 let row = &w[o * n..(o + 1) * n];
                 assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
-                // Away from the clamped borders, cubic convolution reproduces a linear ramp.
-                let src = (o as f32 + 0.5) * scale - 0.5;
-                if src >= 1.0 && src <= (n - 3) as f32 {
-                    let ramp: f32 = row.iter().enumerate().map(|(i, v)| i as f32 * v).sum();
-                    assert!((ramp - src).abs() < 1e-4, "{n}→{m} output {o}: {ramp} vs {src}");
+                // align_corners = False is symmetric: the last output mirrors the first.
+                for i in 0..n {
+                    assert!((row[i] - w[(m - 1 - o) * n + (n - 1 - i)]).abs() < 1e-6);
                 }
                 if n == m {
                     assert!((row[o] - 1.0).abs() < 1e-6, "identity at the native size");
@@ -281,7 +294,7 @@ mod tests {
         // to the border): the overshoot at both ends is the bicubic kernel's negative lobe.
         let w = bicubic_matrix(2, 4);
         let up: Vec<f32> = (0..4).map(|o| w[o * 2 + 1]).collect();
-        for (got, want) in up.iter().zip([-0.105_468_75, 0.226_562_5, 0.773_437_5, 1.105_468_75]) {
+        for (got, want) in up.iter().zip([-27.0, 58.0, 198.0, 283.0].map(|x| x / 256.0)) {
             assert!((got - want).abs() < 1e-6, "{up:?}");
         }
     }

@@ -46,10 +46,14 @@ impl VqVaeConfig {
         let ch = shapes.dim(&key("encoder.conv_in.weight"), 0)?;
         let levels = shapes.count_indexed(&key("encoder.down"));
         let ch_mult = (0..levels)
-            .map(|i| Ok(shapes.dim(&key(&format!("encoder.down.{i}.block.0.conv1.weight")), 0)? / ch))
+            .map(|i| {
+                Ok(shapes.dim(&key(&format!("encoder.down.{i}.block.0.conv1.weight")), 0)? / ch)
+            })
             .collect::<Result<Vec<_>>>()?;
         if (0..levels).any(|i| shapes.count_indexed(&key(&format!("encoder.down.{i}.attn"))) > 0) {
-            bail!("{prefix}: attention inside the VQ-VAE levels (attn_resolutions) is not supported");
+            bail!(
+                "{prefix}: attention inside the VQ-VAE levels (attn_resolutions) is not supported"
+            );
         }
         let in_channels = shapes.dim(&key("encoder.conv_in.weight"), 1)?;
         let out_channels = shapes.dim(&key("decoder.conv_out.weight"), 0)?;
@@ -160,7 +164,7 @@ impl Module for AttnBlock {
         let v = channels_first(&self.v)?.transpose(1, 2)?.contiguous()?; // [b, hw, c]
         let weights = (q.matmul(&k)? * (c as f64).powf(-0.5))?;
         let weights = candle_nn::ops::softmax_last_dim(&weights)?; // [b, hw_q, hw_k]
-        // Transposing the small [hw, c] result instead of the [hw, hw] weights.
+                                                                   // Transposing the small [hw, c] result instead of the [hw, hw] weights.
         let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         x + self.proj_out.forward(&out)?
     }
@@ -225,9 +229,17 @@ struct Level {
 
 impl Level {
     /// `blocks` residual blocks from `in_c` to `out_c` channels (the first one changes width).
-    fn new(in_c: usize, out_c: usize, blocks: usize, resample: Resample, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        in_c: usize,
+        out_c: usize,
+        blocks: usize,
+        resample: Resample,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let blocks = (0..blocks)
-            .map(|i| ResnetBlock::new(if i == 0 { in_c } else { out_c }, out_c, vb.pp("block").pp(i)))
+            .map(|i| {
+                ResnetBlock::new(if i == 0 { in_c } else { out_c }, out_c, vb.pp("block").pp(i))
+            })
             .collect::<Result<_>>()?;
         Ok(Self { blocks, resample })
     }

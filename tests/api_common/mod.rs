@@ -39,7 +39,8 @@ pub fn tiny_config() -> ModelConfig {
     c.resolution = c.encoder.input_resolution();
     c.preprocess = slotserve::imageio::Preprocess::Resize;
     let sa = &mut c.slot_attention;
-    (sa.num_slots, sa.slot_size, sa.in_features, sa.mlp_hidden_size) = (NUM_SLOTS, SLOT_SIZE, SLOT_SIZE, 2 * SLOT_SIZE);
+    (sa.num_slots, sa.slot_size, sa.in_features, sa.mlp_hidden_size) =
+        (NUM_SLOTS, SLOT_SIZE, SLOT_SIZE, 2 * SLOT_SIZE);
     let u = &mut c.unet;
     (u.model_channels, u.channel_mult, u.num_res_blocks) = (32, vec![1, 2], 1);
     (u.attention_levels, u.context_dim) = (vec![false, true], SLOT_SIZE);

@@ -95,6 +95,7 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
 /// Like [`assert_close`] with the tolerance scaled by the reference's magnitude,
 /// `tol · max(1, max |want|)`, for stages whose values run well above 1.
 pub fn assert_close_scaled(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
-    let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let scale =
+        want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert_close(what, got, want, tol * scale.max(1.0));
 }

@@ -21,7 +21,7 @@ MODEL="${SLOTSERVE_MODEL:-}"
 REQUESTS=48     # load requests, half decompose, half render
 CLIENTS=6       # concurrent load clients
 STEPS=2         # model evaluations per load render
-DRAIN_STEPS=25  # per streamed render sent straight to the replica that gets SIGTERM
+DRAIN_STEPS=4   # per streamed render sent straight to the replica that gets SIGTERM
 DRAIN_RENDERS=2
 DEADLINE=600    # seconds for the whole load, after start-up
 
@@ -118,10 +118,12 @@ for i in 0 1 2; do wait_healthy "http://127.0.0.1:${PORTS[$i]}/health" 600 "${RP
 log "replicas ready"
 
 # --- nginx with the repository's config ---------------------------------------------------
-# Only the lines marked "lb-test" change: upstream servers, listen address, access log; and
-# temporary files go to the work folder instead of the system's.
+# Only the lines marked "lb-test" change: upstream servers (our replicas, with the file's
+# parameters but for `resolve`), listen address, access log; and temporary files go to the
+# work folder instead of the system's.
+PARAMS="$(sed -n '/# lb-test: servers begin/,/# lb-test: servers end/s/^ *server [^ ;]*\( resolve\)\{0,1\}\([^;]*\);.*/\2/p' docker/nginx.conf)"
 UPSTREAMS=""
-for i in 0 1 2; do UPSTREAMS+="${UPSTREAMS:+\\n}        server 127.0.0.1:${PORTS[$i]} max_fails=3 fail_timeout=10s;"; done
+for i in 0 1 2; do UPSTREAMS+="${UPSTREAMS:+\\n}        server 127.0.0.1:${PORTS[$i]}$PARAMS;"; done
 sed -e "/# lb-test: servers begin/,/# lb-test: servers end/c\\
 $UPSTREAMS" \
   -e "s|^\( *\)listen .*# lb-test: listen|\1listen 127.0.0.1:$LB_PORT;|" \
@@ -202,14 +204,15 @@ done
 DRAIN_SECONDS=$(python3 -c "import time; print(round(time.time() - $TERM_AT, 2))")
 
 wait "$LOAD_PID" || true # its report says how it went
+PEAK_RSS=$(awk '/VmHWM/{print int($2 / 1024)}' "/proc/${RPID[2]}/status" 2> /dev/null || echo '?')
 [ "$TERM_AT_ANSWERS" -lt "$REQUESTS" ] || fail "the load ended before the faults: raise --requests"
 
 # --- verdict --------------------------------------------------------------------------------
 kill -QUIT "$NGINX_PID" # flushes the access log
 wait "$NGINX_PID" || true
-python3 - "$WORK" "$REQUESTS" "$R1_RC" "$DRAIN_SECONDS" << 'EOF'
+python3 - "$WORK" "$REQUESTS" "$R1_RC" "$DRAIN_SECONDS" "$TERM_AT" "127.0.0.1:${PORTS[1]}" "$PEAK_RSS" << 'EOF'
 import json, re, sys
-work, requests, r1_rc, drain_s = sys.argv[1:]
+work, requests, r1_rc, drain_s, term_at, r1, peak_rss = sys.argv[1:]
 def report(name):
     try:
         return json.load(open(f"{work}/{name}.json"))
@@ -221,6 +224,11 @@ lines = [l for l in open(f"{work}/access.log") if re.search(r'"POST /(decompose|
 ua = [re.search(r'ua="([^"]*)"', l).group(1) for l in lines]
 status = [int(l.split('"')[2].split()[0]) for l in lines]
 retried = [u for u in ua if "," in u]
+# Requests nginx had passed to the SIGTERMed replica before the signal, answered by it after.
+end = [float(re.search(r"msec=(\S+)", l).group(1)) for l in lines]
+took = [float(re.search(r"rt=(\S+)", l).group(1)) for l in lines]
+drained = sum(u.split(", ")[-1] == r1 and s == 200 and e - t < float(term_at) < e
+              for u, s, e, t in zip(ua, status, end, took))
 problems = []
 if load is None or load["failed"] or load["answered"] != int(requests):
     problems.append("load: not every request got a valid answer")
@@ -246,9 +254,11 @@ for u, l in zip(ua, lines):
         print("  retry:", re.search(r'"POST (\S+)', l).group(1), "tried", u, re.search(r'us="([^"]*)"', l).group(1))
 if stream:
     print(f"drain: {stream['answered']}/{stream['sent']} streamed renders in flight at SIGTERM "
-          f"completed; the replica exited with status {r1_rc}, {drain_s} s after SIGTERM")
+          f"completed, and {drained} load requests it had from nginx; it exited with status {r1_rc}, "
+          f"{drain_s} s after SIGTERM")
     for e in stream["errors"]:
         print("  error", e)
+print(f"peak memory of a replica: {peak_rss} MiB")
 print("PASS" if not problems else "FAIL: " + "; ".join(problems))
 sys.exit(1 if problems else 0)
 EOF

@@ -1,5 +1,6 @@
 //! slotserve: object-centric image editing with SlotDiffusion models, served over HTTP.
 pub mod api;
+pub mod bench;
 pub mod checkpoint;
 pub mod commands;
 pub mod config;
@@ -12,3 +13,5 @@ pub mod imageio;
 pub mod model;
 pub mod slots;
 pub mod summary;
+pub mod ops;
+pub mod train;

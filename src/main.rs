@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use slotserve::api::{self, ServeArgs};
+use slotserve::bench::{self, BenchArgs};
 use slotserve::commands::{self, RenderSpec, RenderStart, SlotSelection};
 use slotserve::config::{ModelConfig, Preset};
 use slotserve::data::{self, SceneConfig};
@@ -61,6 +62,14 @@ impl std::str::FromStr for Indices {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Time the official presets at full size (random weights) on this machine.
+    Bench {
+        #[command(flatten)]
+        args: BenchArgs,
+        /// Compute device.
+        #[arg(long, env = "SLOTSERVE_DEVICE", value_enum, default_value_t)]
+        device: DeviceChoice,
+    },
     /// Serve the model over HTTP (the embedded default model unless --model names another).
     Serve(ServeArgs),
     /// Convert an official checkpoint (.pth) into config.json + model.safetensors.
@@ -154,6 +163,13 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
+        Command::Bench { args, device } => {
+            let device = device.open()?;
+            for &preset in &args.presets {
+                let report = bench::bench_preset(preset, &args, &device)?;
+                println!("{}", serde_json::to_string(&report)?);
+            }
+        }
         Command::Serve(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(api::serve(args))?;

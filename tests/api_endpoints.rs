@@ -259,6 +259,32 @@ async fn health_info_and_metrics() {
 }
 
 #[tokio::test]
+async fn health_is_503_until_the_model_is_loaded_and_warmed_up() {
+    let mut s = settings();
+    s.warmup = true;
+    let slow = || {
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        api_common::tiny_model()
+    };
+    let server = TestServer::spawn(s, slow).await;
+    let (status, body) = server.get("/health").await;
+    assert_eq!((status, body["error_type"].as_str()), (503, Some("unavailable")), "{body}");
+    let (status, body) =
+        server.post("/decompose", &json!({ "image": png_base64(&picture(1, 32, 32)) })).await;
+    assert_eq!((status, body["error"].as_str()), (503, Some("the model is loading")));
+    server.wait_ready().await;
+    assert_eq!(server.get("/info").await.0, 200);
+    server.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_model_that_fails_to_load_stops_the_server_with_the_reason() {
+    let server = TestServer::spawn(settings(), || anyhow::bail!("no weights in /nowhere")).await;
+    let err = server.stop_when_done().await.unwrap_err().to_string();
+    assert!(err.contains("no weights in /nowhere"), "{err}");
+}
+
+#[tokio::test]
 async fn api_key_guards_all_but_health_and_metrics() {
     let mut s = settings();
     s.api_key = Some("sesame".into());
@@ -294,4 +320,3 @@ async fn api_key_guards_all_but_health_and_metrics() {
     assert_eq!(client.get(server.url("/health")).send().await.unwrap().status(), 200);
     assert_eq!(client.get(server.url("/metrics")).send().await.unwrap().status(), 200);
 }
-

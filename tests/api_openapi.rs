@@ -38,7 +38,8 @@ async fn the_server_serves_the_same_document() {
     let (status, served) = server.get("/openapi.json").await;
     assert_eq!(status, 200);
     assert_eq!(served, serde_json::to_value(slotserve::api::openapi()).unwrap());
-    for path in ["/decompose", "/render", "/edit", "/health", "/info", "/metrics", "/openapi.json"] {
+    for path in ["/decompose", "/render", "/edit", "/health", "/info", "/metrics", "/openapi.json"]
+    {
         assert!(served["paths"].get(path).is_some(), "{path} is documented");
     }
 }

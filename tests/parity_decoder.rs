@@ -122,17 +122,17 @@ fn quantize_picks_nearest_codes_idempotently() {
     );
     println!("chosen vs nearest code distance: max gap {gap:.3e}");
     assert!(gap <= 1e-5, "a position was not snapped to its nearest code (gap {gap})");
-    // The values are the entries, up to the straight-through estimator's rounding.
+    // The values are exactly the entries.
     let q = vq.quantize(&z).unwrap();
     let (b, c, h, w) = z.dims4().unwrap();
     let entries = codebook.index_select(&codes.flatten_all().unwrap(), 0).unwrap();
     let entries = entries.reshape((b, h, w, c)).unwrap().permute((0, 3, 1, 2)).unwrap();
-    common::assert_close("quantize vs codebook entries", &q, &entries, 1e-6);
-    // Idempotent: the same codes again, the same values up to one rounding.
+    common::assert_close("quantize vs codebook entries", &q, &entries, 0.0);
+    // Idempotent: the same codes and values again.
     let codes_again = vq.code_indices(&q).unwrap();
     let same = codes.eq(&codes_again).unwrap().to_dtype(DType::F32).unwrap().min_all().unwrap();
     assert_eq!(same.to_scalar::<f32>().unwrap(), 1.0, "re-quantizing changed a code");
-    common::assert_close("quantize twice vs once", &vq.quantize(&q).unwrap(), &q, 1e-6);
+    common::assert_close("quantize twice vs once", &vq.quantize(&q).unwrap(), &q, 0.0);
     // `decode` is quantize, then the decoder.
     let decoded = vq.decode(&z).unwrap();
     assert_eq!(common::max_abs_diff(&decoded, &vq.decode_quantized(&q).unwrap()), 0.0);
@@ -197,5 +197,32 @@ fn padded_slot_sets_equal_separate_calls() {
                 1e-5,
             );
         }
+    }
+}
+
+#[test]
+fn scratch_half() {
+    for name in FIXTURES {
+        let fx = common::Fixture::load("x", name).unwrap();
+        let ckpt = checkpoint(&fx);
+        let cfg = UNetConfig::infer(&ckpt.shapes(), UNET_PREFIX, HEAD_CHANNELS).unwrap();
+        let unet = UNetModel::new(ckpt.var_builder(DType::F16, &Device::Cpu).pp(UNET_PREFIX), &cfg).unwrap();
+        let t0 = std::time::Instant::now();
+        let eps = unet.forward(&fx.tensor("unet_zt"), &fx.tensor("unet_t"), &fx.tensor("slots")).unwrap();
+        println!("f16 unet {:?} {:?}", eps.dtype(), t0.elapsed());
+        common::assert_close("f16 eps", &eps.to_dtype(DType::F32).unwrap(), &fx.tensor("unet_eps"), 1.0);
+        let vq = load_vqvae(&fx, DType::F16);
+        let d = vq.decode(&fx.tensor("vq_latent").to_dtype(DType::F16).unwrap()).unwrap();
+        common::assert_close("f16 dec(ignored)", &d.to_dtype(DType::F32).unwrap(), &fx.tensor("vq_decoded"), 10.0);
+        let vq32 = load_vqvae(&fx, DType::F32);
+        let q32 = vq32.quantize(&fx.tensor("vq_latent")).unwrap();
+        let c16 = vq.code_indices(&fx.tensor("vq_latent").to_dtype(DType::F16).unwrap()).unwrap();
+        let c32 = vq32.code_indices(&fx.tensor("vq_latent")).unwrap();
+        let c16f = vq.code_indices(&fx.tensor("vq_latent")).unwrap();
+        println!("codes differ f16 input: {}, f32 input to f16 model: {}", c16.ne(&c32).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap(), c16f.ne(&c32).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap());
+        let d2 = vq.decode_quantized(&q32.to_dtype(DType::F16).unwrap()).unwrap();
+        common::assert_close("f16 decode_quantized(q32)", &d2.to_dtype(DType::F32).unwrap(), &fx.tensor("vq_decoded"), 10.0);
+        let e = vq.encode(&fx.tensor("image").to_dtype(DType::F16).unwrap()).unwrap();
+        common::assert_close("f16 encode", &e.to_dtype(DType::F32).unwrap(), &vq32.encode(&fx.tensor("image")).unwrap(), 10.0);
     }
 }

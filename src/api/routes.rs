@@ -39,6 +39,7 @@ use crate::slots::{SlotSet, SlotSetJson};
         (status = 415, description = "Unsupported content type or image format", body = ErrorResponse),
         (status = 422, description = "Too many images", body = ErrorResponse),
         (status = 429, description = "Overloaded; retry after `Retry-After` seconds", body = ErrorResponse),
+        (status = 500, description = "Model failure", body = ErrorResponse),
         (status = 503, description = "Model loading or server shutting down", body = ErrorResponse),
         (status = 504, description = "Request took longer than the limit", body = ErrorResponse),
     ),
@@ -218,14 +219,17 @@ pub async fn edit(
 pub async fn health(State(state): State<AppState>) -> Result<Json<HealthResponse>, ApiError> {
     match state.engine.status() {
         Status::Ready => Ok(Json(HealthResponse { status: "ready".into() })),
-        Status::Loading => Err(ApiError::unavailable("the model is loading")),
-        Status::Failed(reason) => {
-            Err(ApiError::unavailable(format!("the model failed to load: {reason}")))
-        }
-        Status::Draining | Status::Stopped => {
-            Err(ApiError::unavailable("the server is shutting down"))
-        }
+        status => Err(unavailable(status)),
     }
+}
+
+/// 503 for a model that takes no new requests.
+fn unavailable(status: Status) -> ApiError {
+    ApiError::unavailable(match status {
+        Status::Ready | Status::Loading => "the model is loading".to_string(),
+        Status::Failed(reason) => format!("the model failed to load: {reason}"),
+        Status::Draining | Status::Stopped => "the server is shutting down".to_string(),
+    })
 }
 
 /// The served model, samplers, limits and version.
@@ -292,9 +296,14 @@ pub async fn method_not_allowed(request: Request) -> ApiError {
 }
 
 impl AppState {
-    /// The model's facts; 503 until it is loaded.
+    /// The model's facts, when it takes new requests; 503 otherwise.
     fn model(&self) -> Result<&ModelInfo, ApiError> {
-        self.engine.info().ok_or_else(|| ApiError::unavailable("the model is loading"))
+        match self.engine.status() {
+            Status::Ready => {
+                self.engine.info().ok_or_else(|| ApiError::unavailable("the model is loading"))
+            }
+            status => Err(unavailable(status)),
+        }
     }
 
     /// When a request arriving now must be answered.

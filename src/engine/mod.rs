@@ -13,9 +13,8 @@ mod model;
 mod slot_diffusion;
 mod worker;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -140,7 +139,8 @@ struct Entry {
 struct Shared {
     status: watch::Sender<Status>,
     info: OnceLock<ModelInfo>,
-    waiting: AtomicUsize,
+    /// Entries in the queue; the gauge is set under the same lock, so it is never stale.
+    waiting: Mutex<usize>,
     metrics: Metrics,
 }
 
@@ -149,10 +149,16 @@ impl Shared {
         self.status.send_replace(status);
     }
 
+    /// Changes the count of queued entries and the queue-depth gauge together.
+    fn count_waiting(&self, change: impl FnOnce(&mut usize)) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        change(&mut waiting);
+        self.metrics.queue_depth(*waiting);
+    }
+
     /// One entry, queued at `queued`, left the queue for the model thread.
     fn dequeued(&self, queued: Instant) {
-        let left = self.waiting.fetch_sub(1, Ordering::SeqCst) - 1;
-        self.metrics.queue_depth(left);
+        self.count_waiting(|n| *n = n.saturating_sub(1));
         self.metrics.queue_wait(queued.elapsed().as_secs_f64());
     }
 }
@@ -178,7 +184,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             status: watch::Sender::new(Status::Loading),
             info: OnceLock::new(),
-            waiting: AtomicUsize::new(0),
+            waiting: Mutex::new(0),
             metrics,
         });
         let thread_shared = shared.clone();
@@ -216,7 +222,9 @@ impl Engine {
         &self.shared.metrics
     }
 
-    /// Stops taking new work; work already queued or running is finished.
+    /// Marks the engine as draining: callers should admit no new requests (the HTTP layer
+    /// answers 503), while the requests in flight may still submit their work, which is
+    /// finished. The model thread ends once every handle is dropped.
     pub fn drain(&self) {
         self.shared.status.send_if_modified(|s| {
             let ready = *s == Status::Ready;
@@ -247,33 +255,29 @@ impl Engine {
 
     fn submit(&self, work: Work) -> Result<(), EngineError> {
         match self.status() {
-            Status::Ready => {}
+            // Draining still takes the follow-up work of requests already admitted.
+            Status::Ready | Status::Draining => {}
             Status::Loading => {
                 return Err(EngineError::Unavailable("the model is still loading".into()))
             }
-            Status::Draining | Status::Stopped => {
-                return Err(EngineError::Unavailable("the server is shutting down".into()))
+            Status::Stopped => {
+                return Err(EngineError::Unavailable("the model thread stopped".into()))
             }
             Status::Failed(reason) => {
                 return Err(EngineError::Unavailable(format!("the model failed: {reason}")))
             }
         }
-        let waiting = self.shared.waiting.fetch_add(1, Ordering::SeqCst) + 1;
-        match self.queue.try_send(Entry { work, queued: Instant::now() }) {
-            Ok(()) => {
-                self.shared.metrics.queue_depth(waiting);
-                Ok(())
+        // Counted before sending, so the model thread never takes an entry not yet counted.
+        self.shared.count_waiting(|n| *n += 1);
+        self.queue.try_send(Entry { work, queued: Instant::now() }).map_err(|e| {
+            self.shared.count_waiting(|n| *n = n.saturating_sub(1));
+            match e {
+                TrySendError::Full(_) => EngineError::QueueFull(self.max_queue),
+                TrySendError::Disconnected(_) => {
+                    EngineError::Unavailable("the model thread stopped".into())
+                }
             }
-            Err(e) => {
-                self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-                Err(match e {
-                    TrySendError::Full(_) => EngineError::QueueFull(self.max_queue),
-                    TrySendError::Disconnected(_) => {
-                        EngineError::Unavailable("the model thread stopped".into())
-                    }
-                })
-            }
-        }
+        })
     }
 }
 

@@ -15,7 +15,9 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{ModelConfig, Preset, CONFIG_FILE, UNET_PREFIX, VQVAE_PREFIX, WEIGHTS_FILE};
 use crate::model::encoder::Encoder;
 use crate::model::init::seeded_var_builder;
-use crate::model::sampler::{gaussian_noise, step_batch, Sampler, SamplerKind, SamplerState};
+use crate::model::sampler::{
+    gaussian_noise, step_batch, NoiseSchedule, Sampler, SamplerKind, SamplerState,
+};
 use crate::model::slot_attention::{segmentation, upsample_masks, SlotAttention};
 use crate::model::unet::UNetModel;
 use crate::model::vit;
@@ -174,6 +176,31 @@ impl SlotDiffusion {
     /// The dtype of weights and activations.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The image encoder (training reaches the parts through these accessors).
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
+    /// Slot Attention.
+    pub fn slot_attention(&self) -> &SlotAttention {
+        &self.slot_attention
+    }
+
+    /// The denoising UNet.
+    pub fn unet(&self) -> &UNetModel {
+        &self.unet
+    }
+
+    /// The latent VQ-VAE.
+    pub fn vqvae(&self) -> &VqVae {
+        &self.vqvae
+    }
+
+    /// The diffusion noise schedule (training draws x_t from its `alphas_bar`).
+    pub fn schedule(&self) -> &NoiseSchedule {
+        self.sampler.schedule()
     }
 
     /// The latent shape [C, h, w] the diffusion model works in.

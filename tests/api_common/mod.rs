@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use candle_core::Device;
+use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use image::RgbImage;
 use serde_json::{json, Value};
@@ -49,9 +49,20 @@ pub fn tiny_config() -> ModelConfig {
     c
 }
 
-/// The tiny model with its seeded random weights.
+/// The tiny model's VQ codebook, the one variable not left to the seeded initialisation.
+const CODEBOOK: &str = "dm_decoder.vae.vqvae.quantize.embedding.weight";
+
+/// The tiny model with its seeded random weights. The codebook is spread over [-1, 1]
+/// (random initialisation leaves it at zero, which would snap every render to the same
+/// image), so renders depend on slots and seeds as a trained model's do.
 pub fn tiny_model() -> anyhow::Result<SlotDiffusion> {
-    Ok(SlotDiffusion::random(&tiny_config(), MODEL_SEED, &VarMap::new(), &Device::Cpu)?)
+    let config = tiny_config();
+    let (codes, dim) = (config.vqvae.n_embed, config.vqvae.embed_dim);
+    let values: Vec<f32> = (0..codes * dim).map(|i| ((i as f32 + 1.0) * 12.9898).sin()).collect();
+    let codebook = Var::from_tensor(&Tensor::from_vec(values, (codes, dim), &Device::Cpu)?)?;
+    let vars = VarMap::new();
+    vars.data().lock().expect("fresh var map").insert(CODEBOOK.to_string(), codebook);
+    Ok(SlotDiffusion::random(&config, MODEL_SEED, &vars, &Device::Cpu)?)
 }
 
 /// Settings for tests: no warm-up, small limits.
@@ -78,15 +89,23 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server with the tiny model and waits until `/health` says ready.
     pub async fn start(settings: Settings) -> Self {
+        let server = Self::spawn(settings, tiny_model).await;
+        server.wait_ready().await;
+        server
+    }
+
+    /// Starts a server whose model `loader` makes, without waiting for it.
+    pub async fn spawn<F>(settings: Settings, loader: F) -> Self
+    where
+        F: FnOnce() -> anyhow::Result<SlotDiffusion> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind an ephemeral port");
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(api::run(listener, settings, tiny_model, async move {
+        let task = tokio::spawn(api::run(listener, settings, loader, async move {
             let _ = stopped.await;
         }));
-        let server = Self { base, client: reqwest::Client::new(), stop: Some(stop), task };
-        server.wait_ready().await;
-        server
+        Self { base, client: reqwest::Client::new(), stop: Some(stop), task }
     }
 
     /// Polls `/health` until it answers 200.
@@ -137,6 +156,12 @@ impl TestServer {
         let (status, body) = self.post("/decompose?masks=false", &json!({ "images": pngs })).await;
         assert_eq!(status, 200, "{body}");
         body["images"].as_array().unwrap().iter().map(|i| i["slots"].clone()).collect()
+    }
+
+    /// Waits for the server to stop by itself and returns what `run` returned.
+    pub async fn stop_when_done(self) -> anyhow::Result<()> {
+        let result = tokio::time::timeout(Duration::from_secs(30), self.task).await;
+        result.expect("the server stops").expect("server task")
     }
 
     /// Stops the server (as a signal would) and returns what `run` returned.

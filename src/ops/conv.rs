@@ -1,0 +1,179 @@
+//! [`Conv2d`]: `candle_nn::Conv2d`'s weights and config, computed by the packed im2col kernel.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+/// A 2-D convolution, loaded like [`candle_nn::conv2d`] (same `weight`/`bias` keys and shapes).
+///
+/// At construction the f32 CPU weights are packed once into the micro-kernel's panel layout;
+/// `forward` then runs f32 CPU inputs as one matrix product per image (1×1 convolutions
+/// included), any stride and symmetric padding, and leaves everything else (other devices or
+/// dtypes, groups, dilation) to candle.
+#[derive(Clone)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+    kernel: Option<Arc<ConvKernel>>,
+}
+
+impl std::fmt::Debug for Conv2d {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conv2d")
+            .field("inner", &self.inner)
+            .field("packed", &self.kernel.is_some())
+            .finish()
+    }
+}
+
+/// A `k×k` convolution with bias, read from `vb` as [`candle_nn::conv2d`] reads it.
+pub fn conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel_size: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    Conv2d::from_candle(candle_nn::conv2d(in_channels, out_channels, kernel_size, cfg, vb)?)
+}
+
+/// A `k×k` convolution without bias, read from `vb` as [`candle_nn::conv2d_no_bias`] reads it.
+pub fn conv2d_no_bias(
+    in_channels: usize,
+    out_channels: usize,
+    kernel_size: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let inner = candle_nn::conv2d_no_bias(in_channels, out_channels, kernel_size, cfg, vb)?;
+    Conv2d::from_candle(inner)
+}
+
+impl Conv2d {
+    /// A convolution with `weight` `[out, in, kh, kw]` and optional `bias` `[out]`, as
+    /// [`candle_nn::Conv2d::new`].
+    pub fn new(weight: Tensor, bias: Option<Tensor>, config: Conv2dConfig) -> Result<Self> {
+        Self::from_candle(candle_nn::Conv2d::new(weight, bias, config))
+    }
+
+    /// Wraps a candle convolution, packing its weights when the fast kernel can run them.
+    pub fn from_candle(inner: candle_nn::Conv2d) -> Result<Self> {
+        let cfg = inner.config();
+        let supported = cfg.groups == 1 && cfg.dilation == 1 && super::fast_path(inner.weight());
+        let kernel = if supported { Some(Arc::new(ConvKernel::pack(&inner)?)) } else { None };
+        Ok(Self { inner, kernel })
+    }
+
+    /// The weight `[out, in, kh, kw]`.
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    /// The bias `[out]`, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+
+    /// Padding, stride, dilation and groups.
+    pub fn config(&self) -> &Conv2dConfig {
+        self.inner.config()
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.kernel {
+            Some(kernel) if super::fast_path(x) && kernel.accepts(x) => {
+                x.contiguous()?.apply_op1_no_bwd(kernel.as_ref())
+            }
+            _ => self.inner.forward(x),
+        }
+    }
+}
+
+/// The packed weights and geometry of one convolution: weights as `[out / MR][in·kh·kw][MR]`
+/// panels (zero rows past `out`), bias padded to a whole panel.
+struct ConvKernel {
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+    out_c: usize,
+    in_c: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+}
+
+/// Rows per weight panel: the micro-kernel's `MR`.
+const PANEL: usize = 6;
+
+impl ConvKernel {
+    /// Packs `conv`'s weights (f32, CPU).
+    fn pack(conv: &candle_nn::Conv2d) -> Result<Self> {
+        let (out_c, in_c, kh, kw) = conv.weight().dims4()?;
+        let depth = in_c * kh * kw;
+        let flat = conv.weight().flatten_all()?.to_vec1::<f32>()?;
+        let panels = out_c.div_ceil(PANEL);
+        let mut weights = vec![0f32; panels * depth * PANEL];
+        for (o, w) in flat.chunks_exact(depth).enumerate() {
+            let panel = &mut weights[o / PANEL * depth * PANEL..][..depth * PANEL];
+            for (k, &v) in w.iter().enumerate() {
+                panel[k * PANEL + o % PANEL] = v;
+            }
+        }
+        let mut bias = vec![0f32; panels * PANEL];
+        if let Some(b) = conv.bias() {
+            bias[..out_c].copy_from_slice(&b.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+        }
+        let cfg = conv.config();
+        Ok(Self { weights, bias, out_c, in_c, kh, kw, stride: cfg.stride, padding: cfg.padding })
+    }
+
+    /// Whether `x` is an NCHW input this kernel can convolve (else candle reports the error).
+    fn accepts(&self, x: &Tensor) -> bool {
+        matches!(x.dims(), &[_, c, h, w]
+            if c == self.in_c && h + 2 * self.padding >= self.kh && w + 2 * self.padding >= self.kw)
+    }
+
+    /// Output height and width for an `h×w` input.
+    fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let out = |n: usize, k: usize| (n + 2 * self.padding - k) / self.stride + 1;
+        (out(h, self.kh), out(w, self.kw))
+    }
+}
+
+impl CustomOp1 for ConvKernel {
+    fn name(&self) -> &'static str {
+        "slotserve-conv2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = super::contiguous_f32(storage, layout)?;
+        let (batch, _, in_h, in_w) = layout.shape().dims4()?;
+        let (out_h, out_w) = self.out_size(in_h, in_w);
+        #[cfg(target_arch = "x86_64")]
+        {
+            const _: () = assert!(PANEL == super::x86::MR);
+            let g = super::x86::conv::Geometry {
+                batch,
+                in_c: self.in_c,
+                in_h,
+                in_w,
+                out_c: self.out_c,
+                out_h,
+                out_w,
+                kh: self.kh,
+                kw: self.kw,
+                stride: self.stride,
+                padding: self.padding,
+            };
+            let out = super::x86::conv::conv2d(x, &self.weights, &self.bias, &g);
+            Ok((CpuStorage::F32(out), Shape::from((batch, self.out_c, out_h, out_w))))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (x, batch, out_h, out_w);
+            Err(super::no_kernels())
+        }
+    }
+}

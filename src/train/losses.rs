@@ -1,0 +1,155 @@
+//! The training losses: the VQ-VAE's (stage 1), the latent denoising loss of SlotDiffusion
+//! (stage 2) and a cheap auxiliary reconstruction from slots and masks (stage 2, optional).
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::data::{scene_seed, Scene, SceneConfig, Split};
+use crate::model::encoder::position_grid;
+use crate::model::pipeline::SlotDiffusion;
+
+/// Weight of the commitment term (`beta` of the official quantizer).
+pub const COMMITMENT: f64 = 0.25;
+
+/// Prefix of the auxiliary decoder's variables: trained beside the model, never served.
+pub const AUX_PREFIX: &str = "aux";
+
+/// Images [B, 3, H, W] in [-1, 1] of the training scenes `first..first + batch`.
+pub fn scene_batch(cfg: &SceneConfig, first: u64, batch: usize, device: &Device) -> Result<Tensor> {
+    let mut data = Vec::with_capacity(batch * 3 * cfg.width * cfg.height);
+    for i in 0..batch as u64 {
+        let scene = Scene::generate(cfg, scene_seed(Split::Train, first + i));
+        data.extend(scene.render().image_chw().into_iter().map(|v| v * 2.0 - 1.0));
+    }
+    Tensor::from_vec(data, (batch, 3, cfg.height, cfg.width), device)
+}
+
+/// The random numbers of one training step, all drawn from `rng`.
+pub fn step_rng(seed: u64, step: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(step);
+    rng
+}
+
+/// The VQ-VAE losses of one batch: (reconstruction MSE, quantization loss, distinct codebook
+/// entries used). Quantization
+/// uses `codebook` [n, c] (the live variable, as the model's copy of its squared norms is
+/// stale during training) with the straight-through estimator; the quantization loss is
+/// `‖sg(z) − e‖² + β‖z − sg(e)‖²` as in the official VQ-VAE (taming's quantizer).
+pub fn vqvae_losses(
+    model: &SlotDiffusion,
+    codebook: &Tensor,
+    images: &Tensor,
+) -> Result<(Tensor, Tensor, usize)> {
+    let z = model.vqvae().encode(images)?;
+    let (b, c, h, w) = z.dims4()?;
+    let flat = z.permute((0, 2, 3, 1))?.reshape((b * h * w, c))?;
+    let dist = flat
+        .detach()
+        .sqr()?
+        .sum_keepdim(1)?
+        .broadcast_add(&codebook.detach().sqr()?.sum_keepdim(1)?.t()?)?
+        .broadcast_sub(&(flat.detach().matmul(&codebook.detach().t()?)? * 2.0)?)?;
+    let idx = dist.argmin(1)?;
+    let e = codebook.index_select(&idx, 0)?;
+    let codebook_loss = (flat.detach() - &e)?.sqr()?.mean_all()?;
+    let commit_loss = (&flat - e.detach())?.sqr()?.mean_all()?;
+    let quant_loss = (codebook_loss + (commit_loss * COMMITMENT)?)?;
+    // straight-through: the value of e, the gradient of z
+    let st = (&flat + (e - &flat)?.detach())?;
+    let st = st.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?;
+    let recon = model.vqvae().decode_quantized(&st)?;
+    let mut used = idx.to_vec1::<u32>()?;
+    used.sort_unstable();
+    used.dedup();
+    Ok(((recon - images)?.sqr()?.mean_all()?, quant_loss, used.len()))
+}
+
+/// What stage 2 computes on a batch.
+#[derive(Debug)]
+pub struct DiffusionLosses {
+    /// The official denoising loss: MSE between the UNet's ε and the true noise.
+    pub denoise: Tensor,
+    /// The auxiliary reconstruction MSE, when an auxiliary decoder is given.
+    pub aux: Option<Tensor>,
+}
+
+/// `LDM.loss_function`: x0 = VQ-VAE latent (no gradient), per-sample t uniform in
+/// [0, T), x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε, loss = MSE(UNet(x_t, t, slots), ε); slots from
+/// the image's own encoding. With `aux`, also the auxiliary loss on the same slots and masks.
+pub fn diffusion_losses(
+    model: &SlotDiffusion,
+    images: &Tensor,
+    aux: Option<&AuxDecoder>,
+    rng: &mut ChaCha8Rng,
+) -> Result<DiffusionLosses> {
+    let device = images.device();
+    let x0 = model.vqvae().encode(images)?.detach();
+    let (b, c, h, w) = x0.dims4()?;
+    let features = model.encoder().forward(images)?;
+    let (slots, masks) = model.slot_attention().forward(&features, None)?;
+    let schedule = model.schedule();
+    let steps: Vec<usize> = (0..b).map(|_| rng.random_range(0..schedule.timesteps())).collect();
+    let noise: Vec<f32> = (0..b * c * h * w).map(|_| StandardNormal.sample(rng)).collect();
+    let noise = Tensor::from_vec(noise, (b, c, h, w), device)?;
+    let coef = |f: &dyn Fn(f32) -> f32| {
+        let v: Vec<f32> = steps.iter().map(|&t| f(schedule.alphas_bar[t])).collect();
+        Tensor::from_vec(v, (b, 1, 1, 1), device)
+    };
+    let x_t = (x0.broadcast_mul(&coef(&|a| a.sqrt())?)?
+        + noise.broadcast_mul(&coef(&|a| (1.0 - a).sqrt())?)?)?;
+    let t = Tensor::from_vec(steps.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, device)?;
+    let eps = model.unet().forward(&x_t, &t, &slots)?;
+    let denoise = (eps - noise)?.sqr()?.mean_all()?;
+    let aux = match aux {
+        Some(decoder) => {
+            let grid = model.encoder().grid(images.dim(2)?, images.dim(3)?);
+            Some(decoder.loss(&slots, &masks, images, grid)?)
+        }
+        None => None,
+    };
+    Ok(DiffusionLosses { denoise, aux })
+}
+
+/// A cheap auxiliary decoder that helps objects separate early: each slot predicts an affine
+/// colour field (3 colours × [1, x, y]) and the image at the feature-grid resolution is the
+/// slot-attention-mask-weighted sum of the fields. Its gradient reaches the encoder and Slot
+/// Attention only through slots and masks; it is not part of the served model.
+#[derive(Debug, Clone)]
+pub struct AuxDecoder {
+    head: Linear,
+}
+
+impl AuxDecoder {
+    /// The decoder for slots of width `slot_size`, variables under `vb` (e.g. `aux`).
+    pub fn new(vb: VarBuilder, slot_size: usize) -> Result<Self> {
+        Ok(Self { head: candle_nn::linear(slot_size, 9, vb.pp("color"))? })
+    }
+
+    /// MSE between the mixture of colour fields and the images average-pooled to `grid`.
+    /// `slots` [B, K, D], `masks` [B, K, N] (N = grid cells), `images` [B, 3, H, W].
+    pub fn loss(
+        &self,
+        slots: &Tensor,
+        masks: &Tensor,
+        images: &Tensor,
+        grid: (usize, usize),
+    ) -> Result<Tensor> {
+        let (b, k, _) = slots.dims3()?;
+        let (_, _, h, w) = images.dims4()?;
+        let target = images.avg_pool2d((h / grid.0, w / grid.1))?; // [B, 3, gh, gw]
+        let target = target.flatten_from(2)?.transpose(1, 2)?; // [B, N, 3]
+        let n = grid.0 * grid.1;
+        // basis [N, 3]: 1, x, y with x, y in [-1, 1]
+        let pos = position_grid(grid.0, grid.1, images.device())?.to_dtype(DType::F32)?;
+        let yx = ((pos.narrow(1, 0, 2)? * 2.0)? - 1.0)?;
+        let basis = Tensor::cat(&[Tensor::ones((n, 1), DType::F32, images.device())?, yx], 1)?;
+        let params = self.head.forward(slots)?.reshape((b, k, 3, 3))?; // [B, K, basis, rgb]
+        let fields = basis.broadcast_left((b, k))?.contiguous()?.matmul(&params)?; // [B, K, N, 3]
+        let mixed = fields.broadcast_mul(&masks.unsqueeze(D::Minus1)?)?.sum(1)?; // [B, N, 3]
+        (mixed - target)?.sqr()?.mean_all()
+    }
+}

@@ -1,0 +1,538 @@
+//! `slotserve train` and `slotserve eval`: the embedded default model, trained in candle on
+//! procedural scenes with the same modules that serve it, and scored with the paper's metrics.
+//!
+//! Training has two stages over one step counter, as in the paper: steps
+//! `0..vqvae_steps` train the VQ-VAE alone (reconstruction MSE + quantization loss), the
+//! following `steps` train encoder, Slot Attention and UNet with the latent denoising loss
+//! on the frozen VQ-VAE (plus an optional auxiliary reconstruction, see
+//! [`losses::AuxDecoder`]). Every random number of step `s` comes from a ChaCha8 stream
+//! derived from (seed, s), and the scenes of step `s` are the training scenes
+//! `s·B..(s+1)·B`, so a checkpoint (variables, Adam moments, step) resumes exactly.
+
+pub mod evaluate;
+pub mod losses;
+pub mod optim;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ModelConfig, Preset, SamplerDefaults, CONFIG_FILE, VQVAE_PREFIX, WEIGHTS_FILE};
+use crate::data::SceneConfig;
+use crate::imageio::Preprocess;
+use crate::model::encoder::{BackboneConfig, EncoderConfig};
+use crate::model::init::seeded_var_builder;
+use crate::model::pipeline::SlotDiffusion;
+use crate::model::resnet::ResNetConfig;
+use crate::model::sampler::ScheduleConfig;
+use crate::model::slot_attention::SlotAttentionConfig;
+use crate::model::unet::UNetConfig;
+use crate::model::vit::ViTConfig;
+use crate::model::vqvae::VqVaeConfig;
+pub use evaluate::{eval, EvalArgs};
+use losses::{diffusion_losses, scene_batch, step_rng, vqvae_losses, AuxDecoder, AUX_PREFIX};
+use optim::{Adam, AdamConfig};
+
+/// Checkpoint files inside the training folder.
+const STATE_FILE: &str = "state.json";
+const VARS_FILE: &str = "vars.safetensors";
+const OPTIM_FILE: &str = "optim.safetensors";
+/// Sub-folder of the training folder holding the servable model (config + weights).
+pub const MODEL_DIR: &str = "model";
+
+/// Which encoder the default model uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EncoderKind {
+    /// ResNet (stem 32, one block per stage, stride 4): the preset's encoder family.
+    Resnet,
+    /// A 3-layer ViT with 4×4 patches, width 64: cheaper at 64².
+    Vit,
+}
+
+/// The small SlotDiffusion of the embedded default model, for `resolution`² scenes (64):
+/// 16² feature grid, 7 slots of width 64, a 2-level UNet of width `unet_channels` on the
+/// 16² × 3 latent of a VQ-VAE (ch 32, ×4 downsampling, 1024 codes).
+pub fn default_config(encoder: EncoderKind, unet_channels: usize) -> ModelConfig {
+    let slot_size = 64;
+    let backbone = match encoder {
+        EncoderKind::Resnet => {
+            BackboneConfig::Resnet(ResNetConfig { stem_channels: 32, blocks: vec![1, 1, 1] })
+        }
+        EncoderKind::Vit => BackboneConfig::Vit(ViTConfig {
+            hidden_size: 64,
+            num_layers: 3,
+            num_heads: 2,
+            intermediate_size: 128,
+            patch_size: 4,
+            grid_size: 16,
+        }),
+    };
+    let encoder = EncoderConfig { backbone, grid_size: 16, out_channels: slot_size };
+    ModelConfig {
+        name: "shapes".into(),
+        preset: Preset::Shapes,
+        resolution: encoder.input_resolution(),
+        preprocess: Preprocess::Resize,
+        encoder,
+        slot_attention: SlotAttentionConfig {
+            num_slots: 7,
+            slot_size,
+            in_features: slot_size,
+            mlp_hidden_size: 2 * slot_size,
+            num_iterations: 3,
+        },
+        unet: UNetConfig {
+            in_channels: 3,
+            out_channels: 3,
+            model_channels: unet_channels,
+            channel_mult: vec![1, 2],
+            num_res_blocks: 1,
+            attention_levels: vec![false, true],
+            num_head_channels: 32,
+            transformer_depth: 1,
+            context_dim: slot_size,
+        },
+        vqvae: VqVaeConfig {
+            in_channels: 3,
+            ch: 32,
+            ch_mult: vec![1, 2, 4],
+            num_res_blocks: 1,
+            z_channels: 3,
+            n_embed: 1024,
+            embed_dim: 3,
+        },
+        schedule: ScheduleConfig::default(),
+        sampler: SamplerDefaults::default(),
+    }
+}
+
+/// The recipe: everything that decides the numbers a run computes (stored beside the
+/// checkpoint, so `--resume` continues the same run).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainOptions {
+    /// Seeds the initial weights and every step's random numbers.
+    pub seed: u64,
+    /// Scenes per step.
+    pub batch: usize,
+    /// Steps of stage 1 (VQ-VAE).
+    pub vqvae_steps: u64,
+    /// Steps of stage 2 (encoder, Slot Attention, UNet).
+    pub steps: u64,
+    /// Peak learning rate of stage 1.
+    pub vqvae_lr: f64,
+    /// Peak learning rate of stage 2.
+    pub lr: f64,
+    /// Linear warmup steps at the start of each stage.
+    pub warmup: u64,
+    /// Global gradient-norm clipping (0: none).
+    pub clip: f64,
+    /// Weight of the auxiliary colour-field reconstruction in stage 2 (0: denoising only).
+    pub aux_weight: f64,
+}
+
+impl TrainOptions {
+    /// Total steps of both stages.
+    pub fn total_steps(&self) -> u64 {
+        self.vqvae_steps + self.steps
+    }
+
+    fn adam(&self, stage: Stage) -> AdamConfig {
+        let lr = match stage {
+            Stage::VqVae => self.vqvae_lr,
+            Stage::Diffusion => self.lr,
+        };
+        AdamConfig::new(lr, self.warmup, (self.clip > 0.0).then_some(self.clip))
+    }
+}
+
+/// The two training stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stage {
+    /// VQ-VAE alone.
+    VqVae,
+    /// Encoder, Slot Attention and UNet on the frozen VQ-VAE.
+    Diffusion,
+}
+
+impl Stage {
+    /// Whether variable `name` is trained in this stage.
+    fn trains(self, name: &str) -> bool {
+        let vq = name.starts_with(VQVAE_PREFIX);
+        match self {
+            Self::VqVae => vq,
+            Self::Diffusion => !vq,
+        }
+    }
+}
+
+/// The losses and speed of one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// The step just taken (0-based).
+    pub step: u64,
+    /// Its stage.
+    pub stage: Stage,
+    /// The optimised loss.
+    pub loss: f64,
+    /// Stage 1: reconstruction MSE; stage 2: the denoising loss.
+    pub main: f64,
+    /// Stage 1: quantization loss; stage 2: auxiliary loss.
+    pub extra: f64,
+    /// Stage 1: codebook entries used by the batch; stage 2: 0.
+    pub codes: usize,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// What [`Trainer::save`] writes beside the tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedState {
+    /// Steps taken.
+    step: u64,
+    /// The stage the optimizer moments belong to.
+    stage: Stage,
+    options: TrainOptions,
+    config: ModelConfig,
+    scenes: SceneConfig,
+}
+
+/// A training run in memory: model, variables, optimizer and step counter.
+pub struct Trainer {
+    model: SlotDiffusion,
+    vars: VarMap,
+    aux: AuxDecoder,
+    optim: Adam,
+    stage: Stage,
+    step: u64,
+    options: TrainOptions,
+    scenes: SceneConfig,
+}
+
+/// Turns off the fast inference kernels, which pack weights once and have no backward pass:
+/// training needs candle's own ops. Fails if they were already switched on in this process.
+pub fn use_trainable_ops() -> anyhow::Result<()> {
+    // SAFETY: called before any op reads the variable; training starts no threads before.
+    std::env::set_var(crate::ops::PLAIN_OPS_ENV, "1");
+    if crate::ops::kernels_enabled() {
+        bail!("fast kernels are already on in this process; they cannot be trained through");
+    }
+    Ok(())
+}
+
+impl Trainer {
+    /// A fresh run: seeded random weights for `config`, step 0.
+    pub fn new(
+        config: ModelConfig,
+        options: TrainOptions,
+        scenes: SceneConfig,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        use_trainable_ops()?;
+        let vars = VarMap::new();
+        let model = SlotDiffusion::random(&config, options.seed, &vars, device)?;
+        let vb = seeded_var_builder(&vars, options.seed, DType::F32, device);
+        let aux = AuxDecoder::new(vb.pp(AUX_PREFIX), config.slot_size())?;
+        let stage = Self::stage_at(&options, 0);
+        let optim = Adam::new(trained_vars(&vars, stage), options.adam(stage))?;
+        Ok(Self { model, vars, aux, optim, stage, step: 0, options, scenes })
+    }
+
+    /// Continues the run saved in `dir` exactly where it stopped.
+    pub fn resume(dir: &Path, device: &Device) -> anyhow::Result<Self> {
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let saved: SavedState = serde_json::from_str(&text)?;
+        let mut trainer = Self::new(saved.config, saved.options, saved.scenes, device)?;
+        trainer.vars.load(dir.join(VARS_FILE))?;
+        trainer.step = saved.step;
+        trainer.stage = saved.stage;
+        trainer.optim = Adam::new(
+            trained_vars(&trainer.vars, saved.stage),
+            trainer.options.adam(saved.stage),
+        )?;
+        trainer.optim.load(&dir.join(OPTIM_FILE))?;
+        Ok(trainer)
+    }
+
+    /// Writes the checkpoint (variables, optimizer, step, recipe) and the servable model
+    /// (`dir/model/config.json` + `model.safetensors`); each file is written to a temporary
+    /// name first, so an interrupted save leaves the previous checkpoint intact.
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir.join(MODEL_DIR))?;
+        let state = SavedState {
+            step: self.step,
+            stage: self.stage,
+            options: self.options.clone(),
+            config: self.model.config().clone(),
+            scenes: self.scenes.clone(),
+        };
+        atomic_write(&dir.join(VARS_FILE), |p| Ok(self.vars.save(p)?))?;
+        atomic_write(&dir.join(OPTIM_FILE), |p| Ok(self.optim.save(p)?))?;
+        self.export(&dir.join(MODEL_DIR))?;
+        atomic_write(&dir.join(STATE_FILE), |p| {
+            Ok(std::fs::write(p, serde_json::to_string_pretty(&state)? + "\n")?)
+        })
+    }
+
+    /// Writes the servable model to `dir`: `config.json` and `model.safetensors` with the
+    /// model's tensors only (official names; the auxiliary decoder is left out).
+    pub fn export(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let data = self.vars.data().lock().map_err(|_| anyhow::anyhow!("var map poisoned"))?;
+        let tensors: HashMap<String, Tensor> = data
+            .iter()
+            .filter(|(name, _)| !name.starts_with(AUX_PREFIX))
+            .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+            .collect();
+        drop(data);
+        atomic_write(&dir.join(WEIGHTS_FILE), |p| {
+            Ok(candle_core::safetensors::save(&tensors, p)?)
+        })?;
+        self.model.config().save(&dir.join(CONFIG_FILE))
+    }
+
+    /// Steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Whether every step of the recipe is done.
+    pub fn is_done(&self) -> bool {
+        self.step >= self.options.total_steps()
+    }
+
+    /// The recipe.
+    pub fn options(&self) -> &TrainOptions {
+        &self.options
+    }
+
+    /// The model being trained (its weights are the live variables).
+    pub fn model(&self) -> &SlotDiffusion {
+        &self.model
+    }
+
+    /// Takes the next step on its own batch of training scenes.
+    pub fn step(&mut self) -> anyhow::Result<StepStats> {
+        let first = self.step * self.options.batch as u64;
+        let images = scene_batch(&self.scenes, first, self.options.batch, self.model.device())?;
+        self.step_on(&images)
+    }
+
+    /// Takes the next step on the given images [B, 3, H, W] in [-1, 1] (tests use a fixed
+    /// batch); the step's random numbers still come from (seed, step).
+    pub fn step_on(&mut self, images: &Tensor) -> anyhow::Result<StepStats> {
+        let stage = Self::stage_at(&self.options, self.step);
+        if stage != self.stage {
+            self.stage = stage;
+            self.optim = Adam::new(trained_vars(&self.vars, stage), self.options.adam(stage))?;
+        }
+        let mut rng = step_rng(self.options.seed, self.step);
+        let (loss, main, extra, codes) = match stage {
+            Stage::VqVae => {
+                let codebook = self.codebook()?;
+                let (recon, quant, codes) = vqvae_losses(&self.model, &codebook, images)?;
+                let (r, q) = (scalar(&recon)?, scalar(&quant)?);
+                ((recon + quant)?, r, q, codes)
+            }
+            Stage::Diffusion => {
+                let aux = (self.options.aux_weight > 0.0).then_some(&self.aux);
+                let l = diffusion_losses(&self.model, images, aux, &mut rng)?;
+                let d = scalar(&l.denoise)?;
+                match l.aux {
+                    Some(a) => {
+                        let av = scalar(&a)?;
+                        ((l.denoise + (a * self.options.aux_weight)?)?, d, av, 0)
+                    }
+                    None => (l.denoise, d, 0.0, 0),
+                }
+            }
+        };
+        let grads = loss.backward()?;
+        let grad_norm = self.optim.step(&grads)?;
+        let stats =
+            StepStats { step: self.step, stage, loss: scalar(&loss)?, main, extra, codes, grad_norm };
+        self.step += 1;
+        Ok(stats)
+    }
+
+    fn stage_at(options: &TrainOptions, step: u64) -> Stage {
+        if step < options.vqvae_steps {
+            Stage::VqVae
+        } else {
+            Stage::Diffusion
+        }
+    }
+
+    /// The live codebook variable [n_embed, embed_dim].
+    fn codebook(&self) -> anyhow::Result<Tensor> {
+        let name = format!("{VQVAE_PREFIX}.quantize.embedding.weight");
+        let data = self.vars.data().lock().map_err(|_| anyhow::anyhow!("var map poisoned"))?;
+        let var = data.get(&name).with_context(|| format!("no variable {name}"))?;
+        Ok(var.as_tensor().clone())
+    }
+}
+
+/// The variables stage `stage` trains, with their names.
+fn trained_vars(vars: &VarMap, stage: Stage) -> Vec<(String, Var)> {
+    let data = vars.data().lock().expect("var map lock");
+    data.iter().filter(|(n, _)| stage.trains(n)).map(|(n, v)| (n.clone(), v.clone())).collect()
+}
+
+fn scalar(t: &Tensor) -> candle_core::Result<f64> {
+    Ok(t.to_scalar::<f32>()? as f64)
+}
+
+/// Writes `path` through `write` on `path.tmp`, then renames it into place.
+fn atomic_write(path: &Path, write: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    write(&tmp)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `slotserve train`: trains the default model on procedural scenes, checkpointing to
+/// `--out` (resume with `--resume`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// Checkpoint folder: vars, optimizer, state, the servable model in `model/`, `train.log`.
+    #[arg(long, default_value = "out/train")]
+    pub out: PathBuf,
+    /// Continue the run saved in `--out` (its recipe; the recipe flags below are ignored).
+    #[arg(long)]
+    pub resume: bool,
+    /// Seed of the initial weights and of every step's noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Scenes per step.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Steps of stage 1 (VQ-VAE).
+    #[arg(long, default_value_t = 1500)]
+    pub vqvae_steps: u64,
+    /// Steps of stage 2 (encoder, Slot Attention, UNet).
+    #[arg(long, default_value_t = 20000)]
+    pub steps: u64,
+    /// Peak learning rate of stage 1.
+    #[arg(long, default_value_t = 1e-3)]
+    pub vqvae_lr: f64,
+    /// Peak learning rate of stage 2.
+    #[arg(long, default_value_t = 4e-4)]
+    pub lr: f64,
+    /// Linear warmup steps of each stage.
+    #[arg(long, default_value_t = 200)]
+    pub warmup: u64,
+    /// Global gradient-norm clipping (0: none).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Weight of the auxiliary colour-field reconstruction in stage 2 (0: denoising only).
+    #[arg(long, default_value_t = 1.0)]
+    pub aux_weight: f64,
+    /// The encoder of the default model.
+    #[arg(long, value_enum, default_value_t = EncoderKind::Resnet)]
+    pub encoder: EncoderKind,
+    /// UNet base width.
+    #[arg(long, default_value_t = 64)]
+    pub unet_channels: usize,
+    /// Seconds between checkpoints.
+    #[arg(long, default_value_t = 300)]
+    pub checkpoint_secs: u64,
+    /// Stop after this many steps in this invocation (0: run to the end), for timing.
+    #[arg(long, default_value_t = 0)]
+    pub max_steps: u64,
+    /// Steps between progress lines.
+    #[arg(long, default_value_t = 10)]
+    pub log_every: u64,
+}
+
+impl TrainArgs {
+    fn options(&self) -> TrainOptions {
+        TrainOptions {
+            seed: self.seed,
+            batch: self.batch,
+            vqvae_steps: self.vqvae_steps,
+            steps: self.steps,
+            vqvae_lr: self.vqvae_lr,
+            lr: self.lr,
+            warmup: self.warmup,
+            clip: self.clip,
+            aux_weight: self.aux_weight,
+        }
+    }
+}
+
+/// `slotserve train`: runs (or resumes) training, printing and logging progress lines and
+/// checkpointing every `--checkpoint-secs` and at the end.
+pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    let mut trainer = if args.resume {
+        Trainer::resume(&args.out, &device)?
+    } else {
+        if args.out.join(STATE_FILE).exists() {
+            bail!("{} holds a run already: pass --resume, or choose another --out", args.out.display());
+        }
+        let config = default_config(args.encoder, args.unet_channels);
+        Trainer::new(config, args.options(), SceneConfig::default(), &device)?
+    };
+    std::fs::create_dir_all(&args.out)?;
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(args.out.join("train.log"))?;
+    let mut say = |line: String| -> anyhow::Result<()> {
+        println!("{line}");
+        writeln!(log, "{line}")?;
+        Ok(())
+    };
+    say(format!(
+        "start at step {} of {} ({:?})",
+        trainer.step_count(),
+        trainer.options().total_steps(),
+        trainer.options()
+    ))?;
+    let (start, start_step) = (Instant::now(), trainer.step_count());
+    let mut last_save = Instant::now();
+    let mut taken = 0;
+    while !trainer.is_done() && (args.max_steps == 0 || taken < args.max_steps) {
+        let stats = trainer.step()?;
+        taken += 1;
+        if taken % args.log_every.max(1) == 0 {
+            say(progress_line(&stats, &trainer, start.elapsed().as_secs_f64(), start_step))?;
+        }
+        if last_save.elapsed().as_secs() >= args.checkpoint_secs {
+            trainer.save(&args.out)?;
+            last_save = Instant::now();
+            say(format!("checkpoint at step {}", trainer.step_count()))?;
+        }
+    }
+    trainer.save(&args.out)?;
+    say(format!("checkpoint at step {} (stopped)", trainer.step_count()))
+}
+
+/// `step 1200/21500 [diffusion] loss 0.1234 (0.1000 + 0.0234) |g| 0.8 · 0.95 steps/s · ETA 5h 57m`
+fn progress_line(stats: &StepStats, trainer: &Trainer, elapsed: f64, start_step: u64) -> String {
+    let done = trainer.step_count();
+    let total = trainer.options().total_steps();
+    let rate = (done - start_step) as f64 / elapsed.max(1e-9);
+    let eta = (total.saturating_sub(done) as f64 / rate.max(1e-9)) as u64;
+    let codes = match stats.stage {
+        Stage::VqVae => format!(" codes {}", stats.codes),
+        Stage::Diffusion => String::new(),
+    };
+    format!(
+        "step {done}/{total} [{:?}] loss {:.5} ({:.5} + {:.5}){codes} |g| {:.3} · {rate:.3} steps/s · ETA {}h {:02}m",
+        stats.stage,
+        stats.loss,
+        stats.main,
+        stats.extra,
+        stats.grad_norm,
+        eta / 3600,
+        eta % 3600 / 60
+    )
+}

@@ -11,7 +11,7 @@ pub mod engine;
 pub mod eval;
 pub mod imageio;
 pub mod model;
+pub mod ops;
 pub mod slots;
 pub mod summary;
-pub mod ops;
 pub mod train;

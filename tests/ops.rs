@@ -28,9 +28,19 @@ fn random(shape: &[usize], seed: u64, mean: f32, std: f32) -> Tensor {
 fn assert_close(what: &str, got: &Tensor, want: &Tensor) -> f32 {
     assert_eq!(got.dims(), want.dims(), "{what}: shapes");
     let max_abs = |t: &Tensor| -> f32 {
-        t.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(D::Minus1).unwrap().to_scalar().unwrap()
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(D::Minus1)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     };
-    let diff = max_abs(&(got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap()).unwrap());
+    let diff =
+        max_abs(&(got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap()).unwrap());
     let bound = TOL * max_abs(want).max(1.0);
     println!("{what}: max diff {diff:.2e} (bound {bound:.1e})");
     assert!(diff <= bound, "{what}: max diff {diff} > {bound}");
@@ -43,13 +53,13 @@ struct ConvCase(usize, usize, usize, usize, usize, usize, usize, usize);
 #[test]
 fn conv2d_matches_candle() {
     let cases = [
-        ConvCase(2, 5, 7, 9, 11, 3, 1, 1),    // odd sizes, rows not a panel multiple
-        ConvCase(3, 16, 13, 8, 8, 1, 1, 0),   // 1×1
-        ConvCase(1, 8, 6, 12, 13, 3, 2, 1),   // stride 2
-        ConvCase(2, 4, 8, 10, 10, 3, 2, 0),   // VQ-VAE downsample after its (0,1,0,1) pad
+        ConvCase(2, 5, 7, 9, 11, 3, 1, 1), // odd sizes, rows not a panel multiple
+        ConvCase(3, 16, 13, 8, 8, 1, 1, 0), // 1×1
+        ConvCase(1, 8, 6, 12, 13, 3, 2, 1), // stride 2
+        ConvCase(2, 4, 8, 10, 10, 3, 2, 0), // VQ-VAE downsample after its (0,1,0,1) pad
         ConvCase(2, 64, 32, 20, 19, 3, 1, 1), // depth 576: several slabs along k
-        ConvCase(1, 3, 32, 17, 17, 3, 1, 1),  // 3-channel image input
-        ConvCase(4, 32, 4, 5, 3, 3, 1, 1),    // output narrower than a pixel panel
+        ConvCase(1, 3, 32, 17, 17, 3, 1, 1), // 3-channel image input
+        ConvCase(4, 32, 4, 5, 3, 3, 1, 1), // output narrower than a pixel panel
     ];
     for (i, &ConvCase(b, cin, cout, h, w, k, stride, padding)) in cases.iter().enumerate() {
         let seed = 10 * i as u64;
@@ -59,7 +69,11 @@ fn conv2d_matches_candle() {
         let cfg = Conv2dConfig { padding, stride, ..Default::default() };
         let want = candle_nn::Conv2d::new(weight.clone(), bias.clone(), cfg).forward(&x).unwrap();
         let got = ops::Conv2d::new(weight, bias, cfg).unwrap().forward(&x).unwrap();
-        assert_close(&format!("conv {b}×{cin}→{cout} {h}×{w} k{k} s{stride} p{padding}"), &got, &want);
+        assert_close(
+            &format!("conv {b}×{cin}→{cout} {h}×{w} k{k} s{stride} p{padding}"),
+            &got,
+            &want,
+        );
     }
 }
 
@@ -96,17 +110,26 @@ fn group_norm_matches_candle() {
         let bias = random(&[channels], seed + 2, 0.0, 0.3);
         let shift = random(&[shape[0], channels], seed + 3, 0.0, 2.0);
         let eps = 1e-6;
-        let plain = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps).unwrap();
+        let plain =
+            candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps).unwrap();
         let fast = ops::GroupNorm::new(weight, bias, channels, groups, eps).unwrap();
         let name = format!("group norm {shape:?}/{groups}");
         let want = plain.forward(&x).unwrap();
         assert_close(&name, &fast.forward(&x).unwrap(), &want);
-        assert_close(&format!("{name} + silu"), &fast.forward_silu(&x).unwrap(), &want.silu().unwrap());
+        assert_close(
+            &format!("{name} + silu"),
+            &fast.forward_silu(&x).unwrap(),
+            &want.silu().unwrap(),
+        );
         let mut dims = vec![1; shape.len()];
         dims[..2].copy_from_slice(&shape[..2]);
         let shifted = x.broadcast_add(&shift.reshape(dims).unwrap()).unwrap();
         let want = plain.forward(&shifted).unwrap().silu().unwrap();
-        assert_close(&format!("{name} shift + silu"), &fast.forward_add_silu(&x, &shift).unwrap(), &want);
+        assert_close(
+            &format!("{name} shift + silu"),
+            &fast.forward_add_silu(&x, &shift).unwrap(),
+            &want,
+        );
     }
 }
 
@@ -120,10 +143,10 @@ fn heads(t: &Tensor, h: usize) -> Tensor {
 fn attention_matches_candle() {
     // (batch, heads, queries, keys, key width, value width)
     let cases = [
-        (2, 3, 50, 37, 32, 32),  // odd token counts
+        (2, 3, 50, 37, 32, 32),   // odd token counts
         (1, 4, 784, 784, 32, 32), // the UNet's largest self-attention
-        (3, 2, 100, 16, 32, 32), // cross-attention to slots
-        (2, 1, 9, 5, 40, 24),    // widths that are not a multiple of 16
+        (3, 2, 100, 16, 32, 32),  // cross-attention to slots
+        (2, 1, 9, 5, 40, 24),     // widths that are not a multiple of 16
     ];
     for (i, &(b, h, nq, nk, d, dv)) in cases.iter().enumerate() {
         let seed = 200 + 10 * i as u64;
@@ -144,19 +167,32 @@ fn attention_masks_keys() {
     let k = random(&[b, h, nk, d], 301, 0.0, 1.0);
     let v = random(&[b, h, nk, d], 302, 0.0, 1.0);
     // Sample 0 keeps every key, sample 1 the first 4, sample 2 every other one.
-    let keep: Vec<u8> =
-        (0..b * nk).map(|i| u8::from(i / nk == 0 || (i / nk == 1 && i % nk < 4) || (i / nk == 2 && i % 2 == 0))).collect();
+    let keep: Vec<u8> = (0..b * nk)
+        .map(|i| {
+            u8::from(i / nk == 0 || (i / nk == 1 && i % nk < 4) || (i / nk == 2 && i % 2 == 0))
+        })
+        .collect();
     let keep = Tensor::from_vec(keep, (b, nk), &Device::Cpu).unwrap();
     let additive = random(&[b, 1, 1, nk], 303, 0.0, 1.0);
     for (name, mask) in [("bool mask", keep.clone()), ("additive mask", additive)] {
         let want = ops::attention_reference(&q, &k, &v, 0.2, Some(&mask)).unwrap();
-        assert_close(&format!("attention {name}"), &ops::attention(&q, &k, &v, 0.2, Some(&mask)).unwrap(), &want);
+        assert_close(
+            &format!("attention {name}"),
+            &ops::attention(&q, &k, &v, 0.2, Some(&mask)).unwrap(),
+            &want,
+        );
     }
     // A masked key must not matter: changing sample 1's ignored values leaves its output as is.
-    let v2 = v.slice_assign(&[1..2, 0..h, 4..nk, 0..d], &random(&[1, h, nk - 4, d], 304, 9.0, 1.0)).unwrap();
+    let v2 = v
+        .slice_assign(&[1..2, 0..h, 4..nk, 0..d], &random(&[1, h, nk - 4, d], 304, 9.0, 1.0))
+        .unwrap();
     let a = ops::attention(&q, &k, &v, 0.2, Some(&keep)).unwrap();
     let b2 = ops::attention(&q, &k, &v2, 0.2, Some(&keep)).unwrap();
-    assert_close("masked values ignored", &b2.narrow(0, 1, 1).unwrap(), &a.narrow(0, 1, 1).unwrap());
+    assert_close(
+        "masked values ignored",
+        &b2.narrow(0, 1, 1).unwrap(),
+        &a.narrow(0, 1, 1).unwrap(),
+    );
 }
 
 #[test]
@@ -166,6 +202,9 @@ fn attention_output_views_merge_heads_without_copy() {
     let out = ops::attention(&heads(&x, h), &heads(&x, h), &heads(&x, h), 0.1, None).unwrap();
     assert_eq!(out.dims(), &[b, h, n, d]);
     if ops::kernels_enabled() {
-        assert!(out.transpose(1, 2).unwrap().is_contiguous(), "fast path returns [B, N, H, d] storage");
+        assert!(
+            out.transpose(1, 2).unwrap().is_contiguous(),
+            "fast path returns [B, N, H, d] storage"
+        );
     }
 }

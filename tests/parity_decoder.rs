@@ -206,23 +206,49 @@ fn scratch_half() {
         let fx = common::Fixture::load("x", name).unwrap();
         let ckpt = checkpoint(&fx);
         let cfg = UNetConfig::infer(&ckpt.shapes(), UNET_PREFIX, HEAD_CHANNELS).unwrap();
-        let unet = UNetModel::new(ckpt.var_builder(DType::F16, &Device::Cpu).pp(UNET_PREFIX), &cfg).unwrap();
+        let unet = UNetModel::new(ckpt.var_builder(DType::F16, &Device::Cpu).pp(UNET_PREFIX), &cfg)
+            .unwrap();
         let t0 = std::time::Instant::now();
-        let eps = unet.forward(&fx.tensor("unet_zt"), &fx.tensor("unet_t"), &fx.tensor("slots")).unwrap();
+        let eps =
+            unet.forward(&fx.tensor("unet_zt"), &fx.tensor("unet_t"), &fx.tensor("slots")).unwrap();
         println!("f16 unet {:?} {:?}", eps.dtype(), t0.elapsed());
-        common::assert_close("f16 eps", &eps.to_dtype(DType::F32).unwrap(), &fx.tensor("unet_eps"), 1.0);
+        common::assert_close(
+            "f16 eps",
+            &eps.to_dtype(DType::F32).unwrap(),
+            &fx.tensor("unet_eps"),
+            1.0,
+        );
         let vq = load_vqvae(&fx, DType::F16);
         let d = vq.decode(&fx.tensor("vq_latent").to_dtype(DType::F16).unwrap()).unwrap();
-        common::assert_close("f16 dec(ignored)", &d.to_dtype(DType::F32).unwrap(), &fx.tensor("vq_decoded"), 10.0);
+        common::assert_close(
+            "f16 dec(ignored)",
+            &d.to_dtype(DType::F32).unwrap(),
+            &fx.tensor("vq_decoded"),
+            10.0,
+        );
         let vq32 = load_vqvae(&fx, DType::F32);
         let q32 = vq32.quantize(&fx.tensor("vq_latent")).unwrap();
         let c16 = vq.code_indices(&fx.tensor("vq_latent").to_dtype(DType::F16).unwrap()).unwrap();
         let c32 = vq32.code_indices(&fx.tensor("vq_latent")).unwrap();
         let c16f = vq.code_indices(&fx.tensor("vq_latent")).unwrap();
-        println!("codes differ f16 input: {}, f32 input to f16 model: {}", c16.ne(&c32).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap(), c16f.ne(&c32).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap());
+        println!(
+            "codes differ f16 input: {}, f32 input to f16 model: {}",
+            c16.ne(&c32).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap(),
+            c16f.ne(&c32).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap()
+        );
         let d2 = vq.decode_quantized(&q32.to_dtype(DType::F16).unwrap()).unwrap();
-        common::assert_close("f16 decode_quantized(q32)", &d2.to_dtype(DType::F32).unwrap(), &fx.tensor("vq_decoded"), 10.0);
+        common::assert_close(
+            "f16 decode_quantized(q32)",
+            &d2.to_dtype(DType::F32).unwrap(),
+            &fx.tensor("vq_decoded"),
+            10.0,
+        );
         let e = vq.encode(&fx.tensor("image").to_dtype(DType::F16).unwrap()).unwrap();
-        common::assert_close("f16 encode", &e.to_dtype(DType::F32).unwrap(), &vq32.encode(&fx.tensor("image")).unwrap(), 10.0);
+        common::assert_close(
+            "f16 encode",
+            &e.to_dtype(DType::F32).unwrap(),
+            &vq32.encode(&fx.tensor("image")).unwrap(),
+            10.0,
+        );
     }
 }

@@ -19,12 +19,14 @@ use tokio::time::Instant;
 
 use super::error::ApiError;
 use super::types::{
-    DecomposeResponse, DecomposedImage, ImageEvent, ProgressEvent, RenderResponse, RenderedImage,
-    SlotObject,
+    DecomposeResponse, DecomposedImage, EditResponse, EditedImage, ImageEvent, ProgressEvent,
+    RenderResponse, RenderedImage, SlotObject,
 };
 use super::Sampling;
+use crate::edit::EditedSet;
 use crate::engine::{collect_images, Decomposed, RenderEvent};
 use crate::imageio::{encode_mask_png, encode_png, encode_segmentation_png};
+use crate::slots::SlotSet;
 use crate::summary::summarize;
 
 /// Whether the client's `Accept` header lists `mime`.
@@ -82,6 +84,33 @@ pub async fn decomposition(
     .map_err(|e| {
         ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
     })
+}
+
+/// The `/edit` answer: each planned output with its slot set and image.
+pub fn edited(
+    plan: Vec<EditedSet>,
+    sets: Vec<SlotSet>,
+    images: &[RgbImage],
+    sampling: &Sampling,
+) -> EditResponse {
+    let outputs = plan
+        .into_iter()
+        .zip(sets)
+        .zip(images)
+        .enumerate()
+        .map(|(i, ((out, set), image))| EditedImage {
+            origin: out.origin,
+            sources: out.slots,
+            image: rendered(image, sampling.seed_of(i), set.num_slots()),
+            slots: set.to_json(),
+        })
+        .collect();
+    EditResponse {
+        outputs,
+        seed: sampling.seed,
+        sampler: sampling.sampler.to_string(),
+        steps: sampling.steps,
+    }
 }
 
 /// Waits for all images of a render until `deadline`.

@@ -16,11 +16,11 @@ use super::respond::{self, wait_for_images, RenderReply};
 use super::sampling::Sampling;
 use super::types::{
     DecomposeForm, DecomposeQuery, DecomposeRequest, DecomposeResponse, EditRequest, EditResponse,
-    EditedImage, HealthResponse, InfoResponse, RenderRequest, RenderResponse,
+    HealthResponse, InfoResponse, RenderRequest, RenderResponse,
 };
 use super::AppState;
 use crate::edit::{self, EditedSet};
-use crate::engine::{ModelInfo, Status};
+use crate::engine::{Decomposed, ModelInfo, Status};
 use crate::model::sampler::SamplerKind;
 use crate::slots::{SlotSet, SlotSetJson};
 
@@ -55,11 +55,7 @@ pub async fn decompose(
     let info = state.model()?;
     let bytes = read_images(request, state.limits().max_images).await?;
     let _permit = state.permit()?;
-    let images =
-        prepare_images(bytes, state.image_limits(), info.preprocess, info.resolution).await?;
-    let outs = tokio::time::timeout_at(deadline, state.engine.decompose(images))
-        .await
-        .map_err(|_| respond::timeout())??;
+    let outs = state.decompose(bytes, info, deadline).await?;
     Ok(Json(respond::decomposition(outs, query.masks.unwrap_or(true)).await?))
 }
 
@@ -105,13 +101,7 @@ pub async fn render(
                 .map_err(|e| ApiError::from(e).at(format!("slot set {i}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let sampling = Sampling::resolve(
-        req.seed,
-        req.sampler.as_deref(),
-        req.steps,
-        info,
-        state.limits().max_steps,
-    )?;
+    let sampling = state.sampling(req.seed, req.sampler.as_deref(), req.steps, info)?;
     let permit = state.permit()?;
     let num_slots = sets.iter().map(SlotSet::num_slots).collect();
     let events = state.engine.render(sampling.specs(sets))?;
@@ -122,6 +112,45 @@ pub async fn render(
 enum EditInputs {
     Images(Vec<Vec<u8>>),
     Slots(Vec<SlotSet>),
+}
+
+impl EditInputs {
+    /// The request's `images` or `slots`, checked.
+    fn parse(state: &AppState, req: &EditRequest) -> Result<Self, ApiError> {
+        let max = state.limits().max_images;
+        match (&req.images, &req.slots) {
+            (Some(images), None) => Ok(Self::Images(decode_base64_images(images, max)?)),
+            (None, Some(sets)) => {
+                check_count(sets.len(), max, "slot sets")?;
+                Ok(Self::Slots(state.decode_sets(sets)?))
+            }
+            _ => Err(ApiError::bad_request("give either `images` or `slots`")),
+        }
+    }
+
+    /// Slots of each input (a decomposed image has the model's K).
+    fn slot_counts(&self, info: &ModelInfo) -> Vec<usize> {
+        match self {
+            Self::Images(images) => vec![info.num_slots; images.len()],
+            Self::Slots(sets) => sets.iter().map(SlotSet::num_slots).collect(),
+        }
+    }
+
+    /// The inputs as slot sets, decomposing images.
+    async fn into_slot_sets(
+        self,
+        state: &AppState,
+        info: &ModelInfo,
+        deadline: Instant,
+    ) -> Result<Vec<SlotSet>, ApiError> {
+        match self {
+            Self::Slots(sets) => Ok(sets),
+            Self::Images(bytes) => {
+                let outs = state.decompose(bytes, info, deadline).await?;
+                Ok(outs.into_iter().map(|d| d.slots).collect())
+            }
+        }
+    }
 }
 
 /// Edit images (or slot sets) by slot operations and render the results, in one call.
@@ -150,62 +179,16 @@ pub async fn edit(
     let Json(req) = body?;
     let deadline = state.deadline();
     let info = state.model()?;
-    let max = state.limits().max_images;
-    let inputs = match (&req.images, &req.slots) {
-        (Some(images), None) => EditInputs::Images(decode_base64_images(images, max)?),
-        (None, Some(sets)) => {
-            check_count(sets.len(), max, "slot sets")?;
-            EditInputs::Slots(state.decode_sets(sets)?)
-        }
-        _ => return Err(ApiError::bad_request("give either `images` or `slots`")),
-    };
-    let counts = match &inputs {
-        EditInputs::Images(images) => vec![info.num_slots; images.len()],
-        EditInputs::Slots(sets) => sets.iter().map(SlotSet::num_slots).collect(),
-    };
-    let plan = edit::plan(&counts, &req.operations)?;
+    let inputs = EditInputs::parse(&state, &req)?;
+    let plan = edit::plan(&inputs.slot_counts(info), &req.operations)?;
     state.check_outputs(&plan)?;
-    let sampling = Sampling::resolve(
-        req.seed,
-        req.sampler.as_deref(),
-        req.steps,
-        info,
-        state.limits().max_steps,
-    )?;
+    let sampling = state.sampling(req.seed, req.sampler.as_deref(), req.steps, info)?;
     let _permit = state.permit()?;
-    let inputs = match inputs {
-        EditInputs::Slots(sets) => sets,
-        EditInputs::Images(bytes) => {
-            let images =
-                prepare_images(bytes, state.image_limits(), info.preprocess, info.resolution)
-                    .await?;
-            let outs = tokio::time::timeout_at(deadline, state.engine.decompose(images))
-                .await
-                .map_err(|_| respond::timeout())??;
-            outs.into_iter().map(|d| d.slots).collect()
-        }
-    };
+    let inputs = inputs.into_slot_sets(&state, info, deadline).await?;
     let sets = plan.iter().map(|out| edit::gather(&inputs, out)).collect::<Result<Vec<_>, _>>()?;
     let mut events = state.engine.render(sampling.specs(sets.clone()))?;
     let images = wait_for_images(&mut events, sets.len(), deadline).await?;
-    let outputs = plan
-        .into_iter()
-        .zip(sets)
-        .zip(images)
-        .enumerate()
-        .map(|(i, ((out, set), image))| EditedImage {
-            origin: out.origin,
-            sources: out.slots,
-            image: respond::rendered(&image, sampling.seed_of(i), set.num_slots()),
-            slots: set.to_json(),
-        })
-        .collect();
-    Ok(Json(EditResponse {
-        outputs,
-        seed: sampling.seed,
-        sampler: sampling.sampler.to_string(),
-        steps: sampling.steps,
-    }))
+    Ok(Json(respond::edited(plan, sets, &images, &sampling)))
 }
 
 /// Readiness: 200 once the model is loaded and warmed up, 503 otherwise.
@@ -309,6 +292,32 @@ impl AppState {
     /// When a request arriving now must be answered.
     fn deadline(&self) -> Instant {
         Instant::now() + self.timeout()
+    }
+
+    /// Checks sampling options against the model and the limits.
+    fn sampling(
+        &self,
+        seed: Option<u64>,
+        sampler: Option<&str>,
+        steps: Option<usize>,
+        info: &ModelInfo,
+    ) -> Result<Sampling, ApiError> {
+        Sampling::resolve(seed, sampler, steps, info, self.limits().max_steps)
+    }
+
+    /// Decodes images, brings them to the model's input and decomposes them by `deadline`.
+    async fn decompose(
+        &self,
+        images: Vec<Vec<u8>>,
+        info: &ModelInfo,
+        deadline: Instant,
+    ) -> Result<Vec<Decomposed>, ApiError> {
+        let images =
+            prepare_images(images, self.image_limits(), info.preprocess, info.resolution).await?;
+        tokio::time::timeout_at(deadline, self.engine.decompose(images))
+            .await
+            .map_err(|_| respond::timeout())?
+            .map_err(ApiError::from)
     }
 
     /// Validates slot sets against the served model.

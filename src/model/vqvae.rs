@@ -163,8 +163,9 @@ impl Module for AttnBlock {
         let k = channels_first(&self.k)?; // [b, c, hw]
         let v = channels_first(&self.v)?.transpose(1, 2)?.contiguous()?; // [b, hw, c]
         let weights = (q.matmul(&k)? * (c as f64).powf(-0.5))?;
-        let weights = candle_nn::ops::softmax_last_dim(&weights)?; // [b, hw_q, hw_k]
-                                                                   // Transposing the small [hw, c] result instead of the [hw, hw] weights.
+        let weights = candle_nn::ops::softmax_last_dim(&weights.to_dtype(DType::F32)?)?
+            .to_dtype(v.dtype())?; // [b, hw_q, hw_k]
+                                   // Transposing the small [hw, c] result instead of the [hw, hw] weights.
         let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         x + self.proj_out.forward(&out)?
     }

@@ -64,7 +64,11 @@ impl GroupNorm {
     pub fn forward_add_silu(&self, x: &Tensor, shift: &Tensor) -> Result<Tensor> {
         let (batch, channels) = shift.dims2()?;
         if x.dims().get(..2) != Some(&[batch, channels][..]) {
-            candle_core::bail!("GroupNorm shift {:?} does not match input {:?}", shift.dims(), x.dims())
+            candle_core::bail!(
+                "GroupNorm shift {:?} does not match input {:?}",
+                shift.dims(),
+                x.dims()
+            )
         }
         if let Some(y) = self.kernel(x, true, Some(shift))? {
             return Ok(y);

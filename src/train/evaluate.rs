@@ -39,12 +39,16 @@ pub struct EvalArgs {
 pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     let model = SlotDiffusion::load(&args.model, None, &Device::Cpu, DType::F32)?;
     let mut all = Vec::new();
-    let sets = [("scenes", SceneConfig::default(), args.scenes), ("crowded", SceneConfig::crowded(), args.crowded)];
+    let sets = [
+        ("scenes", SceneConfig::default(), args.scenes),
+        ("crowded", SceneConfig::crowded(), args.crowded),
+    ];
     for (label, cfg, count) in sets {
         if count == 0 {
             continue;
         }
-        let reports = evaluate_scenes(&model, &held_out_scenes(&cfg, count), args.batch, args.seed)?;
+        let reports =
+            evaluate_scenes(&model, &held_out_scenes(&cfg, count), args.batch, args.seed)?;
         println!("{label} ({count} held-out, {}-{} objects):", cfg.min_objects, cfg.max_objects);
         println!("{}", format_table(&reports));
         all.push((label, reports));

@@ -23,7 +23,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ModelConfig, Preset, SamplerDefaults, CONFIG_FILE, VQVAE_PREFIX, WEIGHTS_FILE};
+use crate::config::{
+    ModelConfig, Preset, SamplerDefaults, CONFIG_FILE, VQVAE_PREFIX, WEIGHTS_FILE,
+};
 use crate::data::SceneConfig;
 use crate::imageio::Preprocess;
 use crate::model::encoder::{BackboneConfig, EncoderConfig};
@@ -254,10 +256,8 @@ impl Trainer {
         trainer.vars.load(dir.join(VARS_FILE))?;
         trainer.step = saved.step;
         trainer.stage = saved.stage;
-        trainer.optim = Adam::new(
-            trained_vars(&trainer.vars, saved.stage),
-            trainer.options.adam(saved.stage),
-        )?;
+        trainer.optim =
+            Adam::new(trained_vars(&trainer.vars, saved.stage), trainer.options.adam(saved.stage))?;
         trainer.optim.load(&dir.join(OPTIM_FILE))?;
         Ok(trainer)
     }
@@ -357,8 +357,15 @@ impl Trainer {
         };
         let grads = loss.backward()?;
         let grad_norm = self.optim.step(&grads)?;
-        let stats =
-            StepStats { step: self.step, stage, loss: scalar(&loss)?, main, extra, codes, grad_norm };
+        let stats = StepStats {
+            step: self.step,
+            stage,
+            loss: scalar(&loss)?,
+            main,
+            extra,
+            codes,
+            grad_norm,
+        };
         self.step += 1;
         Ok(stats)
     }
@@ -391,7 +398,10 @@ fn scalar(t: &Tensor) -> candle_core::Result<f64> {
 }
 
 /// Writes `path` through `write` on `path.tmp`, then renames it into place.
-fn atomic_write(path: &Path, write: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
+fn atomic_write(
+    path: &Path,
+    write: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     write(&tmp)?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
@@ -411,10 +421,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Scenes per step.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     pub batch: usize,
     /// Steps of stage 1 (VQ-VAE).
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 800)]
     pub vqvae_steps: u64,
     /// Steps of stage 2 (encoder, Slot Attention, UNet).
     #[arg(long, default_value_t = 20000)]
@@ -435,7 +445,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1.0)]
     pub aux_weight: f64,
     /// The encoder of the default model.
-    #[arg(long, value_enum, default_value_t = EncoderKind::Resnet)]
+    #[arg(long, value_enum, default_value_t = EncoderKind::Vit)]
     pub encoder: EncoderKind,
     /// UNet base width.
     #[arg(long, default_value_t = 64)]
@@ -475,16 +485,17 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         Trainer::resume(&args.out, &device)?
     } else {
         if args.out.join(STATE_FILE).exists() {
-            bail!("{} holds a run already: pass --resume, or choose another --out", args.out.display());
+            bail!(
+                "{} holds a run already: pass --resume, or choose another --out",
+                args.out.display()
+            );
         }
         let config = default_config(args.encoder, args.unet_channels);
         Trainer::new(config, args.options(), SceneConfig::default(), &device)?
     };
     std::fs::create_dir_all(&args.out)?;
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(args.out.join("train.log"))?;
+    let mut log =
+        std::fs::OpenOptions::new().create(true).append(true).open(args.out.join("train.log"))?;
     let mut say = |line: String| -> anyhow::Result<()> {
         println!("{line}");
         writeln!(log, "{line}")?;

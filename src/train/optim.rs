@@ -120,9 +120,9 @@ impl Adam {
         let mut tensors = candle_core::safetensors::load(path, &device)?;
         for (i, (name, _)) in self.vars.iter().enumerate() {
             let mut take = |key: String| {
-                tensors.remove(&key).ok_or_else(|| {
-                    candle_core::Error::Msg(format!("optimizer state lacks {key}"))
-                })
+                tensors
+                    .remove(&key)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state lacks {key}")))
             };
             self.m[i] = take(format!("m.{name}"))?;
             self.v[i] = take(format!("v.{name}"))?;

@@ -124,7 +124,14 @@ fn pack_heads(k: View, v: View, p: &Problem) -> Vec<Packed> {
 
 /// Writes the queries `tokens` of head `(b, h)`, times `scale`, as columns of `[width][QB]`
 /// (zeros beyond the last query).
-fn pack_queries(q: View, b: usize, h: usize, tokens: std::ops::Range<usize>, scale: f32, dst: &mut [f32]) {
+fn pack_queries(
+    q: View,
+    b: usize,
+    h: usize,
+    tokens: std::ops::Range<usize>,
+    scale: f32,
+    dst: &mut [f32],
+) {
     dst.fill(0.0);
     for (j, n) in tokens.enumerate() {
         for (i, &x) in q.row(b, h, n).iter().enumerate() {

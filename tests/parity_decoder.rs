@@ -201,54 +201,29 @@ fn padded_slot_sets_equal_separate_calls() {
 }
 
 #[test]
-fn scratch_half() {
+fn half_precision_decoder_stays_close() {
     for name in FIXTURES {
-        let fx = common::Fixture::load("x", name).unwrap();
+        let Some(fx) = common::Fixture::load("half_precision_decoder", name) else { return };
         let ckpt = checkpoint(&fx);
         let cfg = UNetConfig::infer(&ckpt.shapes(), UNET_PREFIX, HEAD_CHANNELS).unwrap();
-        let unet = UNetModel::new(ckpt.var_builder(DType::F16, &Device::Cpu).pp(UNET_PREFIX), &cfg)
-            .unwrap();
-        let t0 = std::time::Instant::now();
-        let eps =
-            unet.forward(&fx.tensor("unet_zt"), &fx.tensor("unet_t"), &fx.tensor("slots")).unwrap();
-        println!("f16 unet {:?} {:?}", eps.dtype(), t0.elapsed());
-        common::assert_close(
-            "f16 eps",
-            &eps.to_dtype(DType::F32).unwrap(),
-            &fx.tensor("unet_eps"),
-            1.0,
-        );
+        let vb = ckpt.var_builder(DType::F16, &Device::Cpu);
+        let unet = UNetModel::new(vb.pp(UNET_PREFIX), &cfg).unwrap();
+        let (zt, t, slots) = (fx.tensor("unet_zt"), fx.tensor("unet_t"), fx.tensor("slots"));
+        let eps = unet.forward(&zt, &t, &slots).unwrap();
+        assert_eq!(eps.dtype(), DType::F16);
+        // f16 keeps 11 bits through ~60 layers: ~2e-3 here.
+        let eps = eps.to_dtype(DType::F32).unwrap();
+        common::assert_close(&format!("{name} f16 unet_eps"), &eps, &fx.tensor("unet_eps"), 1e-2);
+        // The codebook search stays in f32 and the softmax over thousands of positions too;
+        // in f16 they cost up to 1.0 on voc-small. A near-tie code may still flip.
         let vq = load_vqvae(&fx, DType::F16);
-        let d = vq.decode(&fx.tensor("vq_latent").to_dtype(DType::F16).unwrap()).unwrap();
+        let decoded = vq.decode(&fx.tensor("vq_latent").to_dtype(DType::F16).unwrap()).unwrap();
+        let decoded = decoded.to_dtype(DType::F32).unwrap();
         common::assert_close(
-            "f16 dec(ignored)",
-            &d.to_dtype(DType::F32).unwrap(),
+            &format!("{name} f16 vq_decoded"),
+            &decoded,
             &fx.tensor("vq_decoded"),
-            10.0,
-        );
-        let vq32 = load_vqvae(&fx, DType::F32);
-        let q32 = vq32.quantize(&fx.tensor("vq_latent")).unwrap();
-        let c16 = vq.code_indices(&fx.tensor("vq_latent").to_dtype(DType::F16).unwrap()).unwrap();
-        let c32 = vq32.code_indices(&fx.tensor("vq_latent")).unwrap();
-        let c16f = vq.code_indices(&fx.tensor("vq_latent")).unwrap();
-        println!(
-            "codes differ f16 input: {}, f32 input to f16 model: {}",
-            c16.ne(&c32).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap(),
-            c16f.ne(&c32).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap()
-        );
-        let d2 = vq.decode_quantized(&q32.to_dtype(DType::F16).unwrap()).unwrap();
-        common::assert_close(
-            "f16 decode_quantized(q32)",
-            &d2.to_dtype(DType::F32).unwrap(),
-            &fx.tensor("vq_decoded"),
-            10.0,
-        );
-        let e = vq.encode(&fx.tensor("image").to_dtype(DType::F16).unwrap()).unwrap();
-        common::assert_close(
-            "f16 encode",
-            &e.to_dtype(DType::F32).unwrap(),
-            &vq32.encode(&fx.tensor("image")).unwrap(),
-            10.0,
+            0.15,
         );
     }
 }

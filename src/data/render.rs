@@ -58,24 +58,14 @@ impl Rendered {
     }
 }
 
-/// A fixed, well separated colour for segment id `id` (0 is dark grey, the background), so
-/// that ground truth and predicted segmentations are drawn alike.
+/// The colour of ground-truth segment id `id`: dark grey for the background (0), then the
+/// slot colours of [`crate::imageio::slot_color`], so ground truth and predicted segmentations
+/// are drawn alike.
 pub fn palette_color(id: u32) -> [u8; 3] {
-    const PALETTE: [[u8; 3]; 12] = [
-        [40, 40, 40],
-        [230, 25, 75],
-        [60, 180, 75],
-        [255, 225, 25],
-        [0, 130, 200],
-        [245, 130, 48],
-        [145, 30, 180],
-        [70, 240, 240],
-        [240, 50, 230],
-        [210, 245, 60],
-        [250, 190, 212],
-        [0, 128, 128],
-    ];
-    PALETTE[id as usize % PALETTE.len()]
+    match id {
+        0 => [40, 40, 40],
+        id => crate::imageio::slot_color(id as usize - 1),
+    }
 }
 
 /// Colours a label map [H, W] with [`palette_color`]; for ground truth and predicted ids alike.

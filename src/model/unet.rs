@@ -211,7 +211,8 @@ impl Attention {
         if let Some(bias) = bias {
             logits = logits.broadcast_add(bias)?;
         }
-        let attn = candle_nn::ops::softmax_last_dim(&logits)?;
+        let attn =
+            candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let out = attn.matmul(v)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.to_out.forward(&out)
     }

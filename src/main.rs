@@ -13,6 +13,7 @@ use slotserve::data::{self, SceneConfig};
 use slotserve::device::{DTypeChoice, DeviceChoice};
 use slotserve::model::pipeline::SlotDiffusion;
 use slotserve::model::sampler::SamplerKind;
+use slotserve::train::{self, EvalArgs, TrainArgs};
 
 /// Object-centric image editing with SlotDiffusion models.
 #[derive(Parser)]
@@ -70,6 +71,10 @@ enum Command {
         #[arg(long, env = "SLOTSERVE_DEVICE", value_enum, default_value_t)]
         device: DeviceChoice,
     },
+    /// Train the default model on procedural scenes (resumable; see weights/README.md).
+    Train(TrainArgs),
+    /// Evaluate a model on held-out procedural scenes with the paper's metrics.
+    Eval(EvalArgs),
     /// Serve the model over HTTP (the embedded default model unless --model names another).
     Serve(ServeArgs),
     /// Convert an official checkpoint (.pth) into config.json + model.safetensors.
@@ -170,6 +175,8 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
             }
         }
+        Command::Train(args) => train::train(&args)?,
+        Command::Eval(args) => train::eval(&args)?,
         Command::Serve(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(api::serve(args))?;

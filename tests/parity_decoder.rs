@@ -223,7 +223,7 @@ fn half_precision_decoder_stays_close() {
             &format!("{name} f16 vq_decoded"),
             &decoded,
             &fx.tensor("vq_decoded"),
-            0.15,
+            0.1,
         );
     }
 }

@@ -1,14 +1,13 @@
 //! Training and evaluation of the default model on tiny configurations (2 CPU cores: seconds).
 
 use candle_core::Device;
-use clap::Parser;
 use slotserve::config::ModelConfig;
 use slotserve::data::{Scene, SceneConfig};
 use slotserve::model::encoder::{BackboneConfig, EncoderConfig};
 use slotserve::model::resnet::ResNetConfig;
 use slotserve::train::losses::scene_batch;
 use slotserve::train::{
-    default_config, evaluate::evaluate_scenes, EncoderKind, TrainArgs, TrainOptions, Trainer,
+    default_config, evaluate::evaluate_scenes, EncoderKind, TrainOptions, Trainer,
 };
 
 /// The default model shrunk for tests: 32² scenes, 8² grid, 4 slots, UNet width 32, a
@@ -112,19 +111,4 @@ fn eval_runs_end_to_end_on_a_tiny_random_model() {
     assert_eq!(model.psnr.count(), 3);
     assert!(model.removal_inside.count() >= 1);
     assert!(model.fg_ari.value().is_some() && model.mbo.value().is_some());
-}
-
-/// `slotserve train` driven from the test binary (until the CLI wires it): arguments in
-/// `SLOTSERVE_TRAIN_ARGS`, e.g. `--out out/probe --max-steps 20`.
-#[test]
-#[ignore]
-fn train_from_env() {
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: TrainArgs,
-    }
-    let line = std::env::var("SLOTSERVE_TRAIN_ARGS").unwrap_or_default();
-    let cli = Cli::parse_from(std::iter::once("train").chain(line.split_whitespace()));
-    slotserve::train::train(&cli.args).unwrap();
 }

@@ -128,6 +128,17 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
     }
 }
 
+/// Softmax over the last dimension, computed in f32 for f16/bf16 inputs: in half precision
+/// the normaliser of hundreds or thousands of positions loses most of its bits.
+pub(crate) fn softmax_wide(x: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => {
+            candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
+        }
+        _ => candle_nn::ops::softmax_last_dim(x),
+    }
+}
+
 /// Residual block conditioned on the timestep embedding (added after the first conv).
 #[derive(Debug, Clone)]
 struct ResBlock {
@@ -211,8 +222,7 @@ impl Attention {
         if let Some(bias) = bias {
             logits = logits.broadcast_add(bias)?;
         }
-        let attn =
-            candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let attn = softmax_wide(&logits)?;
         let out = attn.matmul(v)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.to_out.forward(&out)
     }
@@ -575,8 +585,8 @@ impl UNetModel {
         Ok(ContextKv { kv, bias })
     }
 
-    /// Predicted noise [B, C, h, w] for latents `x` [B, C, h, w] at per-sample timesteps
-    /// `t` [B] (fractional allowed), conditioned on `context` [B, K, D].
+    /// Predicted noise [B, C, h, w], in the model's dtype, for latents `x` [B, C, h, w] at
+    /// per-sample timesteps `t` [B] (fractional allowed), conditioned on `context` [B, K, D].
     pub fn forward(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> Result<Tensor> {
         self.forward_masked(x, t, context, None)
     }

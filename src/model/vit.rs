@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::ShapeMap;
 
+/// Random initialisation of the CLS token and position embeddings (Hugging Face ViT's
+/// `initializer_range` 0.02), for models that start from random weights.
+const EMBEDDING_INIT: candle_nn::Init = candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 };
 /// LayerNorm epsilon of the Hugging Face ViT (`layer_norm_eps`).
 const LAYER_NORM_EPS: f64 = 1e-12;
 
@@ -152,8 +155,12 @@ impl Embeddings {
         let patch_cfg = Conv2dConfig { stride: cfg.patch_size, ..Default::default() };
         Ok(Self {
             patch: conv2d(3, c, cfg.patch_size, patch_cfg, vb.pp("patch_embeddings.projection"))?,
-            cls_token: vb.get((1, 1, c), "cls_token")?,
-            position: vb.get((1, 1 + cfg.grid_size * cfg.grid_size, c), "position_embeddings")?,
+            cls_token: vb.get_with_hints((1, 1, c), "cls_token", EMBEDDING_INIT)?,
+            position: vb.get_with_hints(
+                (1, 1 + cfg.grid_size * cfg.grid_size, c),
+                "position_embeddings",
+                EMBEDDING_INIT,
+            )?,
             grid_size: cfg.grid_size,
         })
     }

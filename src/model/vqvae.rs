@@ -12,6 +12,7 @@ use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder}
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::ShapeMap;
+use crate::model::unet::softmax_wide;
 
 /// GroupNorm epsilon of every VQ-VAE normalisation (`Normalize` in `modules.py`).
 const NORM_EPS: f64 = 1e-6;
@@ -163,9 +164,8 @@ impl Module for AttnBlock {
         let k = channels_first(&self.k)?; // [b, c, hw]
         let v = channels_first(&self.v)?.transpose(1, 2)?.contiguous()?; // [b, hw, c]
         let weights = (q.matmul(&k)? * (c as f64).powf(-0.5))?;
-        let weights = candle_nn::ops::softmax_last_dim(&weights.to_dtype(DType::F32)?)?
-            .to_dtype(v.dtype())?; // [b, hw_q, hw_k]
-                                   // Transposing the small [hw, c] result instead of the [hw, hw] weights.
+        let weights = softmax_wide(&weights)?;
+        // [b, hw_q, hw_k] · [b, hw_k, c], then transposing the small result (not the weights).
         let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         x + self.proj_out.forward(&out)?
     }
@@ -366,9 +366,15 @@ impl VqVae {
     /// VQ-VAE's prefix, e.g. `dm_decoder.vae.vqvae`).
     pub fn new(vb: VarBuilder, cfg: &VqVaeConfig) -> Result<Self> {
         let search_dtype = if vb.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-        let codebook = vb
-            .to_dtype(search_dtype)
-            .get((cfg.n_embed, cfg.embed_dim), "quantize.embedding.weight")?;
+        let codebook = vb.to_dtype(search_dtype).get_with_hints(
+            (cfg.n_embed, cfg.embed_dim),
+            "quantize.embedding.weight",
+            {
+                // The official random codebook: uniform in ±1/n_embed.
+                let bound = 1.0 / cfg.n_embed as f64;
+                candle_nn::Init::Uniform { lo: -bound, up: bound }
+            },
+        )?;
         let codebook_sq = codebook.sqr()?.sum_keepdim(1)?.t()?;
         Ok(Self {
             encoder: Encoder::new(cfg, vb.pp("encoder"))?,

@@ -3,6 +3,7 @@
 //! offered as resumable per-request jobs ([`RenderJob`]), so that the engine can run one UNet
 //! evaluation for requests that arrived at different times and sit at different steps.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -251,18 +252,26 @@ impl SlotDiffusion {
         Ok(RenderJob { slots: slots.to_device(&self.device)?.to_dtype(self.dtype)?, state })
     }
 
-    /// One batched UNet evaluation for every unfinished job (each at its own timestep, with
-    /// its own slot count), advancing each; jobs with fewer slots are padded and masked.
+    /// One denoising evaluation for every unfinished job (each at its own timestep), advancing
+    /// each: jobs with the same slot count share one batched UNet pass.
     pub fn denoise_step(&self, jobs: &mut [&mut RenderJob]) -> Result<()> {
-        let (slots, mut states): (Vec<&Tensor>, Vec<&mut SamplerState>) =
-            jobs.iter_mut().map(|j| (&j.slots, &mut j.state)).unzip();
-        let mut unet = |x: &Tensor, t: &Tensor, active: &[usize]| -> Result<Tensor> {
-            let (context, mask) = pad_slot_sets(active.iter().map(|&i| slots[i]))?;
-            let eps =
-                self.unet.forward_masked(&x.to_dtype(self.dtype)?, t, &context, mask.as_ref())?;
-            eps.to_dtype(DType::F32)
-        };
-        step_batch(&mut states, &mut unet, &|x0| self.vqvae.quantize(x0))?;
+        // One UNet pass per slot count: padding shorter slot sets (with a cross-attention
+        // mask) changes the summation order by ~1e-6, which codebook snapping can turn into
+        // a different image, and a request must render the same alone or batched.
+        let mut groups: BTreeMap<usize, Vec<&mut RenderJob>> = BTreeMap::new();
+        for job in jobs.iter_mut() {
+            groups.entry(job.slots.dim(0)?).or_default().push(&mut **job);
+        }
+        for group in groups.into_values() {
+            let (slots, mut states): (Vec<&Tensor>, Vec<&mut SamplerState>) =
+                group.into_iter().map(|j| (&j.slots, &mut j.state)).unzip();
+            let mut unet = |x: &Tensor, t: &Tensor, active: &[usize]| -> Result<Tensor> {
+                let context =
+                    Tensor::stack(&active.iter().map(|&i| slots[i]).collect::<Vec<_>>(), 0)?;
+                self.unet.forward(&x.to_dtype(self.dtype)?, t, &context)?.to_dtype(DType::F32)
+            };
+            step_batch(&mut states, &mut unet, &|x0| self.vqvae.quantize(x0))?;
+        }
         Ok(())
     }
 
@@ -315,26 +324,6 @@ pub fn infer_config(path: &Path, preset: Preset, ckpt: &Checkpoint) -> anyhow::R
     let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
     ModelConfig::infer(name, preset, &ckpt.shapes())
         .with_context(|| format!("{} does not fit the `{preset:?}` preset", path.display()))
-}
-
-/// Stacks slot sets of possibly different K into [B, Kmax, D], with a [B, Kmax] mask (1 =
-/// real slot) when they differ, `None` when all have the same K.
-fn pad_slot_sets<'a>(sets: impl Iterator<Item = &'a Tensor>) -> Result<(Tensor, Option<Tensor>)> {
-    let sets: Vec<&Tensor> = sets.collect();
-    let k_max =
-        sets.iter().map(|s| s.dim(0)).collect::<Result<Vec<_>>>()?.into_iter().max().unwrap_or(0);
-    if sets.iter().all(|s| s.dim(0).is_ok_and(|k| k == k_max)) {
-        return Ok((Tensor::stack(&sets, 0)?, None));
-    }
-    let mut padded = Vec::with_capacity(sets.len());
-    let mut mask = Vec::with_capacity(sets.len() * k_max);
-    for s in &sets {
-        let k = s.dim(0)?;
-        padded.push(s.pad_with_zeros(0, 0, k_max - k)?);
-        mask.extend((0..k_max).map(|i| if i < k { 1f32 } else { 0f32 }));
-    }
-    let device = sets[0].device();
-    Ok((Tensor::stack(&padded, 0)?, Some(Tensor::from_vec(mask, (sets.len(), k_max), device)?)))
 }
 
 /// A short hex digest of the name, shape and values of every tensor the model uses

@@ -41,13 +41,6 @@ impl SlotAttentionConfig {
     }
 }
 
-/// PyTorch's initialisation of every GRU weight and bias: uniform in ±1/√hidden (used when a
-/// model starts from random weights, e.g. for training).
-fn gru_init(hidden: usize) -> candle_nn::Init {
-    let bound = 1.0 / (hidden as f64).sqrt();
-    candle_nn::Init::Uniform { lo: -bound, up: bound }
-}
-
 /// PyTorch's `GRUCell` (gates r, z, n in that order in the stacked weights).
 #[derive(Debug, Clone)]
 struct GruCell {
@@ -58,12 +51,12 @@ struct GruCell {
 impl GruCell {
     fn new(input: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
         let w_ih = Linear::new(
-            vb.get_with_hints((3 * hidden, input), "weight_ih", gru_init(hidden))?,
-            Some(vb.get_with_hints(3 * hidden, "bias_ih", gru_init(hidden))?),
+            vb.get((3 * hidden, input), "weight_ih")?,
+            Some(vb.get(3 * hidden, "bias_ih")?),
         );
         let w_hh = Linear::new(
-            vb.get_with_hints((3 * hidden, hidden), "weight_hh", gru_init(hidden))?,
-            Some(vb.get_with_hints(3 * hidden, "bias_hh", gru_init(hidden))?),
+            vb.get((3 * hidden, hidden), "weight_hh")?,
+            Some(vb.get(3 * hidden, "bias_hh")?),
         );
         Ok(Self { w_ih, w_hh })
     }
@@ -101,11 +94,7 @@ impl SlotAttention {
         let (d, c) = (cfg.slot_size, cfg.in_features);
         let sa = vb.pp("slot_attention");
         Ok(Self {
-            init_latents: vb.get_with_hints(
-                (1, cfg.num_slots, d),
-                "init_latents",
-                candle_nn::Init::Randn { mean: 0.0, stdev: 1.0 },
-            )?,
+            init_latents: vb.get((1, cfg.num_slots, d), "init_latents")?,
             norm_inputs: layer_norm(c, LAYER_NORM_EPS, sa.pp("norm_inputs"))?,
             q_norm: layer_norm(d, LAYER_NORM_EPS, sa.pp("project_q.0"))?,
             project_q: linear_no_bias(d, d, sa.pp("project_q.1"))?,

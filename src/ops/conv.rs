@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 /// A 2-D convolution, loaded like [`candle_nn::conv2d`] (same `weight`/`bias` keys and shapes).
@@ -78,14 +78,37 @@ impl Conv2d {
     pub fn config(&self) -> &Conv2dConfig {
         self.inner.config()
     }
+
+    /// `conv(x) + residual` (`residual` of the output's shape) with the sum written as the
+    /// product leaves the kernel, saving a pass over the output (a ResBlock's skip connection).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match &self.kernel {
+            Some(kernel) if self.fast(x) && super::fast_path(residual) => {
+                let (batch, _, h, w) = x.dims4()?;
+                let (out_h, out_w) = kernel.out_size(h, w);
+                if residual.dims() != [batch, kernel.out_c, out_h, out_w] {
+                    candle_core::bail!(
+                        "conv residual {:?} does not match the output {:?}",
+                        residual.dims(),
+                        [batch, kernel.out_c, out_h, out_w]
+                    )
+                }
+                x.contiguous()?.apply_op2_no_bwd(&residual.contiguous()?, kernel.as_ref())
+            }
+            _ => self.forward(x)? + residual,
+        }
+    }
+
+    /// Whether `forward` would run the packed kernel on `x`.
+    fn fast(&self, x: &Tensor) -> bool {
+        self.kernel.as_ref().is_some_and(|k| super::fast_path(x) && k.accepts(x))
+    }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.kernel {
-            Some(kernel) if super::fast_path(x) && kernel.accepts(x) => {
-                x.contiguous()?.apply_op1_no_bwd(kernel.as_ref())
-            }
+            Some(kernel) if self.fast(x) => x.contiguous()?.apply_op1_no_bwd(kernel.as_ref()),
             _ => self.inner.forward(x),
         }
     }
@@ -93,6 +116,7 @@ impl Module for Conv2d {
 
 /// The packed weights and geometry of one convolution: weights as `[out / MR][in·kh·kw][MR]`
 /// panels (zero rows past `out`), bias padded to a whole panel.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // some fields: x86 kernels only
 struct ConvKernel {
     weights: Vec<f32>,
     bias: Vec<f32>,
@@ -142,15 +166,18 @@ impl ConvKernel {
     }
 }
 
-impl CustomOp1 for ConvKernel {
-    fn name(&self) -> &'static str {
-        "slotserve-conv2d"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = super::contiguous_f32(storage, layout)?;
-        let (batch, _, in_h, in_w) = layout.shape().dims4()?;
+impl ConvKernel {
+    /// The convolution of the CPU input `x`, plus `residual` when given.
+    fn run(
+        &self,
+        x: (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let input = super::contiguous_f32(x.0, x.1)?;
+        let residual = residual.map(|(s, l)| super::contiguous_f32(s, l)).transpose()?;
+        let (batch, _, in_h, in_w) = x.1.shape().dims4()?;
         let (out_h, out_w) = self.out_size(in_h, in_w);
+        let shape = Shape::from((batch, self.out_c, out_h, out_w));
         #[cfg(target_arch = "x86_64")]
         {
             const _: () = assert!(PANEL == super::x86::MR);
@@ -167,13 +194,39 @@ impl CustomOp1 for ConvKernel {
                 stride: self.stride,
                 padding: self.padding,
             };
-            let out = super::x86::conv::conv2d(x, &self.weights, &self.bias, &g);
-            Ok((CpuStorage::F32(out), Shape::from((batch, self.out_c, out_h, out_w))))
+            let out = super::x86::conv::conv2d(input, &self.weights, &self.bias, &g, residual);
+            Ok((CpuStorage::F32(out), shape))
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (x, batch, out_h, out_w);
+            let _ = (input, residual, shape);
             Err(super::no_kernels())
         }
+    }
+}
+
+impl CustomOp1 for ConvKernel {
+    fn name(&self) -> &'static str {
+        "slotserve-conv2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run((storage, layout), None)
+    }
+}
+
+impl CustomOp2 for ConvKernel {
+    fn name(&self) -> &'static str {
+        "slotserve-conv2d-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        residual: &CpuStorage,
+        residual_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((x, x_layout), Some((residual, residual_layout)))
     }
 }

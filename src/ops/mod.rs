@@ -1,8 +1,10 @@
 //! Fast CPU kernels behind drop-in layers: convolution ([`Conv2d`]), GroupNorm with fused
-//! SiLU ([`GroupNorm`]) and fused attention ([`attention()`]).
+//! SiLU ([`GroupNorm`]), fused attention ([`attention()`]) and fully connected layers
+//! ([`Linear`]).
 //!
 //! candle's own convolution, normalisation and attention run 3–5× slower than PyTorch's on a
-//! small AVX2 CPU (DESIGN.md section 4), and they are most of the UNet's time. These layers load
+//! small AVX2 CPU, and its matrix product about 25 % slower (DESIGN.md section 4); together they
+//! are nearly all of the UNet's time. These layers load
 //! the same weights as their `candle_nn` counterparts and run f32 tensors on an x86-64 CPU with
 //! AVX2 and FMA through kernels of their own (one register-blocked matrix-multiply micro-kernel,
 //! rayon over the global pool). Any other device, dtype or CPU takes the plain candle path, as
@@ -11,12 +13,14 @@
 mod attention;
 mod conv;
 mod group_norm;
+mod linear;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use attention::{attention, attention_reference};
 pub use conv::{conv2d, conv2d_no_bias, Conv2d};
 pub use group_norm::{group_norm, GroupNorm};
+pub use linear::{linear, linear_no_bias, Linear};
 
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 

@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::{exp8, tile, SharedMut, Start, Tile, MR, NR};
+use super::{exp8, tile, SharedMut, Start, Strided, Tile, MR, NR};
 
 /// Queries per task: three `NR`-wide strips of scores, eight `MR`-row panels of output.
 const QB: usize = 48;
@@ -64,39 +64,39 @@ struct Scratch {
 pub fn attention(q: View, k: View, v: View, p: &Problem, key_bias: Option<&[f32]>) -> Vec<f32> {
     let packed = pack_heads(k, v, p);
     let blocks = q.tokens.div_ceil(QB);
-    let mut out = vec![0f32; p.batch * q.tokens * p.heads * v.width];
-    let dst = SharedMut(out.as_mut_ptr());
     let value_width = v.width.next_multiple_of(NR);
-    (0..p.batch * p.heads * blocks).into_par_iter().for_each_init(
-        || Scratch {
-            queries: vec![0.0; q.width * QB],
-            scores: vec![0.0; TK * QB],
-            out: vec![0.0; QB * value_width],
-            max: [0.0; QB],
-            sum: [0.0; QB],
-            rescale: [0.0; QB],
-        },
-        |s, task| {
-            let (bh, block) = (task / blocks, task % blocks);
-            let (b, h) = (bh / p.heads, bh % p.heads);
-            let bias = key_bias.map(|m| &m[b * k.tokens..][..k.tokens]);
-            let first = block * QB;
-            let count = QB.min(q.tokens - first);
-            pack_queries(q, b, h, first..first + count, p.scale, &mut s.queries);
-            // SAFETY: AVX2/FMA were checked by the layer.
-            unsafe { attend(s, &packed[bh], k.tokens, q.width, value_width, count, bias) };
-            let inv_sum = s.sum.map(|l| if l > 0.0 { 1.0 / l } else { 0.0 });
-            for (i, o) in s.out.chunks_exact(value_width).take(count).enumerate() {
-                let at = ((b * q.tokens + first + i) * p.heads + h) * v.width;
-                // SAFETY: each (sample, query, head) row is written by exactly one task.
-                let row = unsafe { std::slice::from_raw_parts_mut(dst.get().add(at), v.width) };
-                for (y, x) in row.iter_mut().zip(o) {
-                    *y = x * inv_sum[i];
+    let run = |dst: SharedMut| {
+        (0..p.batch * p.heads * blocks).into_par_iter().for_each_init(
+            || Scratch {
+                queries: vec![0.0; q.width * QB],
+                scores: vec![0.0; TK * QB],
+                out: vec![0.0; QB * value_width],
+                max: [0.0; QB],
+                sum: [0.0; QB],
+                rescale: [0.0; QB],
+            },
+            |s, task| {
+                let (bh, block) = (task / blocks, task % blocks);
+                let (b, h) = (bh / p.heads, bh % p.heads);
+                let bias = key_bias.map(|m| &m[b * k.tokens..][..k.tokens]);
+                let first = block * QB;
+                let count = QB.min(q.tokens - first);
+                pack_queries(q, b, h, first..first + count, p.scale, &mut s.queries);
+                // SAFETY: AVX2/FMA were checked by the layer.
+                unsafe { attend(s, &packed[bh], k.tokens, q.width, value_width, count, bias) };
+                let inv_sum = s.sum.map(|l| if l > 0.0 { 1.0 / l } else { 0.0 });
+                for (i, o) in s.out.chunks_exact(value_width).take(count).enumerate() {
+                    let at = ((b * q.tokens + first + i) * p.heads + h) * v.width;
+                    for (j, x) in o[..v.width].iter().enumerate() {
+                        // SAFETY: each (sample, query, head) row is written by exactly one task.
+                        unsafe { dst.get().add(at + j).write(x * inv_sum[i]) };
+                    }
                 }
-            }
-        },
-    );
-    out
+            },
+        )
+    };
+    // SAFETY: the tasks write every (sample, query, head) row exactly once.
+    unsafe { super::filled(p.batch * q.tokens * p.heads * v.width, run) }
 }
 
 /// Packs keys and values of every (sample, head), in parallel.
@@ -168,12 +168,11 @@ unsafe fn attend(
                     k: width,
                     a: kv.keys[(k0 + kp * MR) * width..].as_ptr(),
                     lda: MR,
-                    b: s.queries[strip * NR..].as_ptr(),
-                    ldb: QB,
+                    b: Strided { ptr: s.queries[strip * NR..].as_ptr(), ld: QB },
                     c: s.scores[kp * MR * QB + strip * NR..].as_mut_ptr(),
                     ldc: QB,
                 };
-                tile(t, MR, NR, Start::Zero);
+                tile(t, Start::Zero);
             }
         }
         softmax_update(s, tk, strips * NR, bias.map(|b| &b[k0..k0 + tk]));
@@ -186,12 +185,14 @@ unsafe fn attend(
                     k: tk,
                     a: s.scores[panel * MR..].as_ptr(),
                     lda: QB,
-                    b: kv.values[k0 * value_width + col..].as_ptr(),
-                    ldb: value_width,
+                    b: Strided {
+                        ptr: kv.values[k0 * value_width + col..].as_ptr(),
+                        ld: value_width,
+                    },
                     c: s.out[panel * MR * value_width + col..].as_mut_ptr(),
                     ldc: value_width,
                 };
-                tile(t, MR, NR, Start::Load);
+                tile(t, Start::Load);
             }
         }
     }

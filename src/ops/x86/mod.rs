@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod linear;
 pub mod norm;
 
 use std::arch::x86_64::*;
@@ -28,6 +29,8 @@ pub enum Start<'a> {
     Load,
     /// From a per-row value (a convolution's bias): `C = bias + A·B`.
     RowBias(&'a [f32; MR]),
+    /// From a per-column value (a linear layer's bias): `C = bias + A·B`.
+    ColumnBias(&'a [f32; NR]),
 }
 
 /// A raw pointer that rayon tasks may share; every task writes a disjoint part.
@@ -44,16 +47,64 @@ impl SharedMut {
     }
 }
 
-/// Operands of one `MR×NR` tile product `C (+)= A·B` over `k` steps: `A` holds `MR` values per
-/// step at `a + step·lda`, `B` holds `NR` values per step at `b + step·ldb`, `C` rows are `ldc`
-/// apart. All pointers must cover the full `MR×NR` tile (see [`tile`] for partial ones).
+/// A vector of `len` floats written by `fill` through the pointer it receives (from any
+/// thread), without the zeroing pass of `vec![0.0; len]`.
+///
+/// # Safety
+/// `fill` must write every one of the `len` elements.
+pub unsafe fn filled(len: usize, fill: impl FnOnce(SharedMut)) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    fill(SharedMut(v.as_mut_ptr()));
+    v.set_len(len);
+    v
+}
+
+/// Where the micro-kernel finds the `NR` values of its right operand for each step.
+pub trait Rows: Copy {
+    /// The first of the `NR` values for step `step`.
+    ///
+    /// # Safety
+    /// `step` must be within the operand the implementor describes.
+    unsafe fn row(self, step: usize) -> *const f32;
+}
+
+/// Rows `ld` floats apart: a packed panel (`ld = NR`) or a row-major matrix.
 #[derive(Clone, Copy)]
-pub struct Tile {
+pub struct Strided {
+    pub ptr: *const f32,
+    pub ld: usize,
+}
+
+impl Rows for Strided {
+    #[inline(always)]
+    unsafe fn row(self, step: usize) -> *const f32 {
+        self.ptr.add(step * self.ld)
+    }
+}
+
+/// Rows at `base + offsets[step]`: an implicit im2col matrix over a padded image.
+#[derive(Clone, Copy)]
+pub struct Gathered {
+    pub base: *const f32,
+    pub offsets: *const usize,
+}
+
+impl Rows for Gathered {
+    #[inline(always)]
+    unsafe fn row(self, step: usize) -> *const f32 {
+        self.base.add(*self.offsets.add(step))
+    }
+}
+
+/// Operands of one `MR×NR` tile product `C (+)= A·B` over `k` steps: `A` holds `MR` values per
+/// step at `a + step·lda`, `B` holds `NR` values per step where `b` says, and `C` rows are `ldc`
+/// apart. All must be valid for the whole tile (callers pad their operands).
+#[derive(Clone, Copy)]
+pub struct Tile<B: Rows> {
     pub k: usize,
     pub a: *const f32,
     pub lda: usize,
-    pub b: *const f32,
-    pub ldb: usize,
+    pub b: B,
     pub c: *mut f32,
     pub ldc: usize,
 }
@@ -61,9 +112,9 @@ pub struct Tile {
 /// The `MR×NR` micro-kernel: 12 accumulators, two `B` loads and six `A` broadcasts per step.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA; the pointers of `t` must be valid for a full tile.
+/// The CPU must have AVX2 and FMA; the operands of `t` must be valid for the whole tile.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel(t: Tile, start: Start) {
+pub unsafe fn tile<B: Rows>(t: Tile<B>, start: Start) {
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     match start {
         Start::Zero => {}
@@ -78,9 +129,14 @@ unsafe fn kernel(t: Tile, start: Start) {
                 *row = [_mm256_set1_ps(b); 2];
             }
         }
+        Start::ColumnBias(bias) => {
+            let b = [_mm256_loadu_ps(bias.as_ptr()), _mm256_loadu_ps(bias[8..].as_ptr())];
+            acc = [b; MR];
+        }
     }
-    let (mut a, mut b) = (t.a, t.b);
-    for _ in 0..t.k {
+    let mut a = t.a;
+    for step in 0..t.k {
+        let b = t.b.row(step);
         let b0 = _mm256_loadu_ps(b);
         let b1 = _mm256_loadu_ps(b.add(8));
         for (i, row) in acc.iter_mut().enumerate() {
@@ -89,7 +145,6 @@ unsafe fn kernel(t: Tile, start: Start) {
             row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
         }
         a = a.add(t.lda);
-        b = b.add(t.ldb);
     }
     for (i, row) in acc.iter().enumerate() {
         let c = t.c.add(i * t.ldc);
@@ -98,31 +153,31 @@ unsafe fn kernel(t: Tile, start: Start) {
     }
 }
 
-/// `C (+)= A·B` for the top-left `rows×cols` of a tile (`rows ≤ MR`, `cols ≤ NR`): full tiles
-/// run in place, partial ones through a scratch tile so nothing outside `C` is touched. `A` and
-/// `B` must still be readable for the full tile (callers pad their packed operands).
+/// [`tile`] for the top-left `rows × cols` of the tile only (`rows ≤ MR`, `cols ≤ NR`):
+/// partial tiles go through a scratch tile so that nothing outside `C`'s part is touched.
 ///
 /// # Safety
-/// As [`kernel`], with `C` valid for `rows×cols`.
-pub unsafe fn tile(t: Tile, rows: usize, cols: usize, start: Start) {
+/// As [`tile`], except that `C` need only be valid for `rows × cols`.
+pub unsafe fn tile_part<B: Rows>(t: Tile<B>, rows: usize, cols: usize, start: Start) {
     if rows == MR && cols == NR {
-        return kernel(t, start);
+        return tile(t, start);
     }
     let mut scratch = [0f32; MR * NR];
-    for i in 0..rows {
-        let c = std::slice::from_raw_parts_mut(t.c.add(i * t.ldc), cols);
-        if let Start::Load = start {
-            scratch[i * NR..i * NR + cols].copy_from_slice(c);
+    let c_row = |i: usize| t.c.add(i * t.ldc);
+    if let Start::Load = start {
+        for i in 0..rows {
+            std::ptr::copy_nonoverlapping(c_row(i), scratch[i * NR..].as_mut_ptr(), cols);
         }
     }
-    kernel(Tile { c: scratch.as_mut_ptr(), ldc: NR, ..t }, start);
+    tile(Tile { c: scratch.as_mut_ptr(), ldc: NR, ..t }, start);
     for i in 0..rows {
-        let c = std::slice::from_raw_parts_mut(t.c.add(i * t.ldc), cols);
-        c.copy_from_slice(&scratch[i * NR..i * NR + cols]);
+        std::ptr::copy_nonoverlapping(scratch[i * NR..].as_ptr(), c_row(i), cols);
     }
 }
 
-/// `e^x` on eight lanes (Cephes polynomial, about 1 ulp); exactly 0 below −87.3.
+/// `e^x` on eight lanes (Cephes polynomial, about 1 ulp); exactly 0 below −87.3. The
+/// polynomial is evaluated in Estrin's scheme, which keeps the dependency chain short so that
+/// more independent calls overlap.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA.
@@ -130,26 +185,28 @@ pub unsafe fn tile(t: Tile, rows: usize, cols: usize, start: Start) {
 pub unsafe fn exp8(x: __m256) -> __m256 {
     const LO: f32 = -87.33;
     const HI: f32 = 88.37;
-    const COEFFS: [f32; 6] =
-        [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.0e-1];
-    let in_range = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(LO));
-    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(LO)), _mm256_set1_ps(HI));
-    let n = _mm256_cvtps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)));
-    let nf = _mm256_cvtepi32_ps(n);
+    let c = _mm256_set1_ps;
+    let in_range = _mm256_cmp_ps::<_CMP_GE_OQ>(x, c(LO));
+    let x = _mm256_min_ps(_mm256_max_ps(x, c(LO)), c(HI));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        c(std::f32::consts::LOG2_E),
+    ));
     // r = x − n·ln 2 in two parts so that r keeps full precision.
-    let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693_359_4), x);
-    let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm256_set1_ps(COEFFS[0]);
-    for &c in &COEFFS[1..] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-    }
-    let y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+    let r = _mm256_fnmadd_ps(n, c(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, c(-2.121_944_4e-4), r);
+    // e^r ≈ 1 + r + r²·(q0 + q1·r + r²·(q2 + q3·r) + r⁴·(q4 + q5·r)).
+    let (r2, q01) = (_mm256_mul_ps(r, r), _mm256_fmadd_ps(c(1.666_666_5e-1), r, c(0.5)));
+    let q23 = _mm256_fmadd_ps(c(8.333_452e-3), r, c(4.166_579_6e-2));
+    let q45 = _mm256_fmadd_ps(c(1.987_569_1e-4), r, c(1.398_199_9e-3));
+    let q = _mm256_fmadd_ps(_mm256_mul_ps(r2, r2), q45, _mm256_fmadd_ps(r2, q23, q01));
+    let y = _mm256_fmadd_ps(q, r2, _mm256_add_ps(r, c(1.0)));
     let pow2 =
-        _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(n, _mm256_set1_epi32(127))));
-    _mm256_and_ps(_mm256_mul_ps(y, pow2), in_range)
+        _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+    _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow2)), in_range)
 }
 
-/// `x·sigmoid(x)` on eight lanes.
+/// `x·sigmoid(x) = x / (1 + e^−x)` on eight lanes.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA.

@@ -26,26 +26,30 @@ pub struct Norm<'a> {
 pub fn group_norm(x: &[f32], spatial: usize, shift: Option<&[f32]>, p: &Norm) -> Vec<f32> {
     let channels = p.gamma.len();
     let per_group = channels / p.groups;
-    let mut out = vec![0f32; x.len()];
     let block = per_group * spatial;
-    out.par_chunks_mut(block).zip(x.par_chunks(block)).enumerate().for_each(|(u, (y, x))| {
-        let first = u % p.groups * per_group;
-        let channel = first..first + per_group;
-        let shift = shift.map(|s| &s[u / p.groups * channels..][channel.clone()]);
-        // SAFETY: the layer checked AVX2/FMA before calling.
-        unsafe { norm_group(x, y, spatial, shift, &p.gamma[channel.clone()], &p.beta[channel], p) };
-    });
-    out
+    // SAFETY: the groups tile the output and each writes its block whole; the layer checked
+    // AVX2/FMA before calling.
+    unsafe {
+        super::filled(x.len(), |dst| {
+            x.par_chunks(block).enumerate().for_each(|(u, x)| {
+                let first = u % p.groups * per_group;
+                let channel = first..first + per_group;
+                let shift = shift.map(|s| &s[u / p.groups * channels..][channel.clone()]);
+                let y = dst.get().add(u * block);
+                norm_group(x, y, spatial, shift, &p.gamma[channel.clone()], &p.beta[channel], p);
+            })
+        })
+    }
 }
 
 /// Normalises one group's block `x` (`gamma.len()` channels of `spatial` values) into `y`.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA.
+/// The CPU must have AVX2 and FMA; `y` must be valid for `x.len()` values.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn norm_group(
     x: &[f32],
-    y: &mut [f32],
+    y: *mut f32,
     spatial: usize,
     shift: Option<&[f32]>,
     gamma: &[f32],
@@ -61,10 +65,10 @@ unsafe fn norm_group(
     let mean = sum / n;
     let var = channels().map(|(c, xc)| sum_shifted_pow(xc, (shift_of(c) as f64 - mean) as f32, 2));
     let inv_std = 1.0 / (var.sum::<f64>() / n + p.eps).sqrt();
-    for (c, (xc, yc)) in x.chunks_exact(spatial).zip(y.chunks_exact_mut(spatial)).enumerate() {
+    for (c, xc) in x.chunks_exact(spatial).enumerate() {
         let scale = gamma[c] as f64 * inv_std;
         let offset = beta[c] as f64 + (shift_of(c) as f64 - mean) * scale;
-        affine(xc, yc, scale as f32, offset as f32, p.silu);
+        affine(xc, y.add(c * spatial), scale as f32, offset as f32, p.silu);
     }
 }
 
@@ -92,18 +96,19 @@ unsafe fn sum_shifted_pow(x: &[f32], d: f32, power: u32) -> f64 {
 /// `y = x·scale + offset`, then SiLU when asked.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA.
+/// The CPU must have AVX2 and FMA; `y` must be valid for `x.len()` values.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn affine(x: &[f32], y: &mut [f32], scale: f32, offset: f32, silu: bool) {
+unsafe fn affine(x: &[f32], y: *mut f32, scale: f32, offset: f32, silu: bool) {
     let (s, o) = (_mm256_set1_ps(scale), _mm256_set1_ps(offset));
-    let mut xs = x.chunks_exact(8);
-    let mut ys = y.chunks_exact_mut(8);
-    for (xc, yc) in (&mut xs).zip(&mut ys) {
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for (i, xc) in chunks.enumerate() {
         let v = _mm256_fmadd_ps(_mm256_loadu_ps(xc.as_ptr()), s, o);
-        _mm256_storeu_ps(yc.as_mut_ptr(), if silu { silu8(v) } else { v });
+        _mm256_storeu_ps(y.add(8 * i), if silu { silu8(v) } else { v });
     }
-    for (xv, yv) in xs.remainder().iter().zip(ys.into_remainder()) {
+    let y = y.add(x.len() - tail.len());
+    for (i, xv) in tail.iter().enumerate() {
         let v = xv.mul_add(scale, offset);
-        *yv = if silu { v / (1.0 + (-v).exp()) } else { v };
+        y.add(i).write(if silu { v / (1.0 + (-v).exp()) } else { v });
     }
 }

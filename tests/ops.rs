@@ -283,3 +283,71 @@ fn attention_output_views_merge_heads_without_copy() {
         );
     }
 }
+
+/// The gradients of `loss(layer(x))` with respect to `x` and each of `vars`, for a fixed
+/// random projection of the output as the loss (so every output element matters).
+fn gradients(
+    x: &Tensor,
+    vars: &[&candle_core::Var],
+    forward: impl Fn(&Tensor) -> Tensor,
+) -> Vec<Tensor> {
+    let x = candle_core::Var::from_tensor(x).unwrap();
+    let y = forward(x.as_tensor());
+    let probe = random(y.dims(), 99, 0.0, 1.0);
+    let loss = (y * probe).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    std::iter::once(&x).chain(vars.iter().copied()).map(|v| grads.get(v).unwrap().clone()).collect()
+}
+
+#[test]
+fn trainable_conv2d_has_candles_gradients() {
+    let cases = [
+        ConvCase(2, 5, 7, 9, 11, 3, 1, 1),
+        ConvCase(3, 4, 6, 10, 10, 3, 2, 0), // VQ-VAE downsample
+        ConvCase(2, 6, 3, 8, 7, 1, 1, 0),   // 1×1
+        ConvCase(1, 3, 8, 12, 12, 4, 4, 0), // ViT patch embedding
+    ];
+    for (i, &ConvCase(b, cin, cout, h, w, k, stride, padding)) in cases.iter().enumerate() {
+        let seed = 200 + 10 * i as u64;
+        let x = random(&[b, cin, h, w], seed, 0.0, 1.0);
+        let weight =
+            candle_core::Var::from_tensor(&random(&[cout, cin, k, k], seed + 1, 0.0, 0.3)).unwrap();
+        let bias = candle_core::Var::from_tensor(&random(&[cout], seed + 2, 0.0, 1.0)).unwrap();
+        let cfg = Conv2dConfig { padding, stride, ..Default::default() };
+        let (wt, bt) = (weight.as_tensor().clone(), Some(bias.as_tensor().clone()));
+        let ours = ops::Conv2d::new(wt.clone(), bt.clone(), cfg).unwrap();
+        let plain = candle_nn::Conv2d::new(wt, bt, cfg);
+        let got = gradients(&x, &[&weight, &bias], |x| ours.forward(x).unwrap());
+        let want = gradients(&x, &[&weight, &bias], |x| plain.forward(x).unwrap());
+        for (what, (g, w)) in ["input", "weight", "bias"].iter().zip(got.iter().zip(&want)) {
+            assert_close(&format!("conv {i} d{what}"), g, w);
+        }
+    }
+}
+
+#[test]
+fn trainable_group_norm_has_candles_gradients() {
+    let (b, c, h, w, groups) = (3, 8, 5, 7, 4);
+    let x = random(&[b, c, h, w], 300, 0.5, 2.0);
+    let weight = candle_core::Var::from_tensor(&random(&[c], 301, 1.0, 0.3)).unwrap();
+    let bias = candle_core::Var::from_tensor(&random(&[c], 302, 0.0, 0.3)).unwrap();
+    let (wt, bt) = (weight.as_tensor().clone(), bias.as_tensor().clone());
+    let ours = ops::GroupNorm::new(wt.clone(), bt.clone(), c, groups, 1e-5).unwrap();
+    let plain = candle_nn::GroupNorm::new(wt, bt, c, groups, 1e-5).unwrap();
+    let got = gradients(&x, &[&weight, &bias], |x| ours.forward_silu(x).unwrap());
+    let want = gradients(&x, &[&weight, &bias], |x| plain.forward(x).unwrap().silu().unwrap());
+    for (what, (g, w)) in ["input", "weight", "bias"].iter().zip(got.iter().zip(&want)) {
+        assert_close(&format!("group norm d{what}"), g, w);
+    }
+}
+
+#[test]
+fn trainable_upsampling_has_candles_gradient() {
+    let x = random(&[2, 3, 4, 5], 400, 0.0, 1.0);
+    let got = gradients(&x, &[], |x| ops::upsample_nearest2x(x).unwrap());
+    let want = gradients(&x, &[], |x| x.upsample_nearest2d(8, 10).unwrap());
+    assert_close("upsample dinput", &got[0], &want[0]);
+    let tracked = candle_core::Var::from_tensor(&x).unwrap();
+    let got = ops::upsample_nearest2x(tracked.as_tensor()).unwrap();
+    assert_close("upsample value", &got, &x.upsample_nearest2d(8, 10).unwrap());
+}

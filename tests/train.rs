@@ -13,7 +13,7 @@ use slotserve::train::{
 /// The default model shrunk for tests: 32² scenes, 8² grid, 4 slots, UNet width 32, a
 /// two-level VQ-VAE with 64 codes.
 fn tiny_config() -> ModelConfig {
-    let mut cfg = default_config(EncoderKind::Resnet, 32);
+    let mut cfg = default_config(EncoderKind::Resnet, 32, 32);
     cfg.encoder = EncoderConfig {
         backbone: BackboneConfig::Resnet(ResNetConfig { stem_channels: 32, blocks: vec![1, 1, 1] }),
         grid_size: 8,
@@ -35,10 +35,12 @@ fn tiny_scenes() -> SceneConfig {
     SceneConfig { width: 32, height: 32, ..SceneConfig::default() }
 }
 
-fn options(vqvae_steps: u64, steps: u64) -> TrainOptions {
+fn options(slot_steps: u64, vqvae_steps: u64, steps: u64) -> TrainOptions {
     TrainOptions {
         seed: 3,
         batch: 2,
+        slot_steps,
+        slot_batch: 3,
         vqvae_steps,
         steps,
         vqvae_lr: 3e-3,
@@ -49,44 +51,52 @@ fn options(vqvae_steps: u64, steps: u64) -> TrainOptions {
     }
 }
 
-fn trainer(vqvae_steps: u64, steps: u64) -> Trainer {
-    Trainer::new(tiny_config(), options(vqvae_steps, steps), tiny_scenes(), &Device::Cpu).unwrap()
+fn trainer(slot_steps: u64, vqvae_steps: u64, steps: u64) -> Trainer {
+    let options = options(slot_steps, vqvae_steps, steps);
+    Trainer::new(tiny_config(), options, tiny_scenes(), &Device::Cpu).unwrap()
 }
 
 #[test]
 fn training_steps_reduce_the_loss_on_a_fixed_batch() {
     let images = scene_batch(&tiny_scenes(), 0, 2, &Device::Cpu).unwrap();
-    let mut t = trainer(8, 0);
+    let mut t = trainer(0, 8, 0);
     let losses: Vec<f64> = (0..8).map(|_| t.step_on(&images).unwrap().loss).collect();
     println!("VQ-VAE losses: {losses:?}");
     assert!(losses[7] < 0.7 * losses[0], "VQ-VAE loss did not fall: {losses:?}");
 
     // stage 2 (the same noise every step would be a fixed batch too; here the aux loss,
     // which has no noise, must fall)
-    let mut t = trainer(0, 10);
+    let mut t = trainer(0, 0, 10);
     let aux: Vec<f64> = (0..10).map(|_| t.step_on(&images).unwrap().extra).collect();
     println!("auxiliary losses: {aux:?}");
     assert!(aux[9] < 0.8 * aux[0], "auxiliary loss did not fall: {aux:?}");
+
+    // the curriculum stage optimises the auxiliary loss alone
+    let mut t = trainer(10, 0, 0);
+    let slots: Vec<f64> = (0..10).map(|_| t.step_on(&images).unwrap().main).collect();
+    println!("curriculum losses: {slots:?}");
+    assert!(slots[9] < 0.8 * slots[0], "curriculum loss did not fall: {slots:?}");
 }
 
 #[test]
 fn resume_continues_bit_for_bit() {
     let dir = std::env::temp_dir().join(format!("slotserve-train-resume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    // 2 VQ-VAE steps, then diffusion: the interruption at 3 falls inside stage 2
-    let mut straight = trainer(2, 4);
-    let want: Vec<f64> = (0..6).map(|_| straight.step().unwrap().loss).collect();
+    // 1 curriculum step, 2 VQ-VAE steps, then diffusion: the interruption at 4 falls
+    // inside stage 2, after every stage has run
+    let mut straight = trainer(1, 2, 4);
+    let want: Vec<f64> = (0..7).map(|_| straight.step().unwrap().loss).collect();
 
-    let mut first = trainer(2, 4);
-    for _ in 0..3 {
+    let mut first = trainer(1, 2, 4);
+    for _ in 0..4 {
         first.step().unwrap();
     }
     first.save(&dir).unwrap();
     drop(first);
     let mut resumed = Trainer::resume(&dir, &Device::Cpu).unwrap();
-    assert_eq!(resumed.step_count(), 3);
-    let got: Vec<f64> = (3..6).map(|_| resumed.step().unwrap().loss).collect();
-    assert_eq!(got, want[3..], "losses after resuming differ");
+    assert_eq!(resumed.step_count(), 4);
+    let got: Vec<f64> = (4..7).map(|_| resumed.step().unwrap().loss).collect();
+    assert_eq!(got, want[4..], "losses after resuming differ");
     // the exported model loads strictly as a model directory
     let model = slotserve::model::pipeline::SlotDiffusion::load(
         &dir.join(slotserve::train::MODEL_DIR),
@@ -101,7 +111,7 @@ fn resume_continues_bit_for_bit() {
 
 #[test]
 fn eval_runs_end_to_end_on_a_tiny_random_model() {
-    let t = trainer(0, 0);
+    let t = trainer(0, 0, 0);
     let scenes: Vec<Scene> = slotserve::eval::held_out_scenes(&tiny_scenes(), 3);
     let reports = evaluate_scenes(t.model(), &scenes, 2, 0).unwrap();
     println!("{}", slotserve::eval::format_table(&reports));
@@ -111,4 +121,24 @@ fn eval_runs_end_to_end_on_a_tiny_random_model() {
     assert_eq!(model.psnr.count(), 3);
     assert!(model.removal_inside.count() >= 1);
     assert!(model.fg_ari.value().is_some() && model.mbo.value().is_some());
+}
+
+#[test]
+fn codebook_restarts_move_unused_codes_onto_latents() {
+    use slotserve::train::losses::{restarted_codebook, step_rng, vqvae_losses};
+    let t = trainer(0, 1, 0);
+    let images = scene_batch(&tiny_scenes(), 0, 2, &Device::Cpu).unwrap();
+    let codebook = candle_core::Tensor::randn(0f32, 1.0, (64, 3), &Device::Cpu).unwrap();
+    let losses = vqvae_losses(t.model(), &codebook, &images).unwrap();
+    let restarted = restarted_codebook(&codebook, &losses, &mut step_rng(0, 0)).unwrap();
+    let (old, new) = (codebook.to_vec2::<f32>().unwrap(), restarted.to_vec2::<f32>().unwrap());
+    let latents = losses.latents.to_vec2::<f32>().unwrap();
+    for (code, (before, after)) in old.iter().zip(&new).enumerate() {
+        if losses.used.contains(&(code as u32)) {
+            assert_eq!(before, after, "used code {code} moved");
+        } else {
+            assert!(latents.contains(after), "unused code {code} is not a latent vector");
+        }
+    }
+    assert!(losses.used.len() < old.len(), "the test needs unused codes");
 }

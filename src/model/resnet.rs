@@ -3,7 +3,9 @@
 //! stem without max-pooling (small inputs), and the last stage optional (official `resnet.py`).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d_no_bias, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::ops::{conv2d_no_bias, group_norm, Conv2d, GroupNorm};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::ShapeMap;

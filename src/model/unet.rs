@@ -10,8 +10,10 @@
 //! requests, padding and masking the shorter ones.
 
 use candle_core::{bail, DType, Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig};
-use candle_nn::{GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, linear, linear_no_bias, Conv2dConfig};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+
+use crate::ops::{conv2d, group_norm, upsample_nearest2x, Conv2d, GroupNorm};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::ShapeMap;
@@ -367,10 +369,7 @@ impl Layer {
             Self::Conv(c) => c.forward(x),
             Self::Res(r) => r.forward(x, emb_silu),
             Self::Attn(a) => a.forward(x, ctx),
-            Self::Upsample(c) => {
-                let (_, _, h, w) = x.dims4()?;
-                c.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
-            }
+            Self::Upsample(c) => c.forward(&upsample_nearest2x(x)?),
         }
     }
 }

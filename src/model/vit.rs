@@ -7,7 +7,9 @@
 //! following Hugging Face's `interpolate_pos_encoding` (bicubic, `align_corners = False`).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{conv2d, layer_norm, Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
+use candle_nn::{layer_norm, Conv2dConfig, LayerNorm, VarBuilder};
+
+use crate::ops::{conv2d, Conv2d};
 use candle_transformers::models::vit;
 use serde::{Deserialize, Serialize};
 

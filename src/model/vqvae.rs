@@ -8,7 +8,9 @@
 //! `VQVAEWrapper` is built with `scale_factor = 1`).
 
 use candle_core::{bail, DType, Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::ops::{conv2d, group_norm, upsample_nearest2x, Conv2d, GroupNorm};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::ShapeMap;
@@ -213,10 +215,7 @@ impl Module for Resample {
             Self::Down(conv) => {
                 conv.forward(&x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?)
             }
-            Self::Up(conv) => {
-                let (_, _, h, w) = x.dims4()?;
-                conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
-            }
+            Self::Up(conv) => conv.forward(&upsample_nearest2x(x)?),
         }
     }
 }

@@ -7,10 +7,11 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 
 /// A 2-D convolution, loaded like [`candle_nn::conv2d`] (same `weight`/`bias` keys and shapes).
 ///
-/// At construction the f32 CPU weights are packed once into the micro-kernel's panel layout;
-/// `forward` then runs f32 CPU inputs as one matrix product per image (1×1 convolutions
-/// included), any stride and symmetric padding, and leaves everything else (other devices or
-/// dtypes, groups, dilation) to candle.
+/// At construction constant f32 CPU weights are packed once into the micro-kernel's panel
+/// layout; `forward` then runs f32 CPU inputs as one matrix product per image (1×1
+/// convolutions included), any stride and symmetric padding. Trained weights (candle `Var`s)
+/// and inputs that carry gradients take the differentiable [`super::patches::conv2d`];
+/// everything else (other devices or dtypes, groups, dilation) is left to candle.
 #[derive(Clone)]
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
@@ -59,7 +60,10 @@ impl Conv2d {
     /// Wraps a candle convolution, packing its weights when the fast kernel can run them.
     pub fn from_candle(inner: candle_nn::Conv2d) -> Result<Self> {
         let cfg = inner.config();
-        let supported = cfg.groups == 1 && cfg.dilation == 1 && super::fast_path(inner.weight());
+        let supported = cfg.groups == 1
+            && cfg.dilation == 1
+            && !inner.weight().is_variable()
+            && super::fast_path(inner.weight());
         let kernel = if supported { Some(Arc::new(ConvKernel::pack(&inner)?)) } else { None };
         Ok(Self { inner, kernel })
     }
@@ -83,7 +87,7 @@ impl Conv2d {
     /// product leaves the kernel, saving a pass over the output (a ResBlock's skip connection).
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         match &self.kernel {
-            Some(kernel) if self.fast(x) && super::fast_path(residual) => {
+            Some(kernel) if self.fast(x) && super::fast_path(residual) && !residual.track_op() => {
                 let (batch, _, h, w) = x.dims4()?;
                 let (out_h, out_w) = kernel.out_size(h, w);
                 if residual.dims() != [batch, kernel.out_c, out_h, out_w] {
@@ -99,9 +103,15 @@ impl Conv2d {
         }
     }
 
-    /// Whether `forward` would run the packed kernel on `x`.
+    /// Whether `forward` would run the packed kernel on `x` (which must not need gradients).
     fn fast(&self, x: &Tensor) -> bool {
-        self.kernel.as_ref().is_some_and(|k| super::fast_path(x) && k.accepts(x))
+        self.kernel.as_ref().is_some_and(|k| super::fast_path(x) && k.accepts(x) && !x.track_op())
+    }
+
+    /// Whether `x` or the weights need gradients that the patch-matrix product can give.
+    fn trainable(&self, x: &Tensor) -> bool {
+        let (weight, cfg) = (self.inner.weight(), self.inner.config());
+        (x.track_op() || weight.track_op()) && super::patches::supports(x, weight, cfg)
     }
 }
 
@@ -109,6 +119,10 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.kernel {
             Some(kernel) if self.fast(x) => x.contiguous()?.apply_op1_no_bwd(kernel.as_ref()),
+            _ if self.trainable(x) => {
+                let (weight, cfg) = (self.inner.weight(), self.inner.config());
+                super::patches::conv2d(x, weight, self.inner.bias(), cfg)
+            }
             _ => self.inner.forward(x),
         }
     }

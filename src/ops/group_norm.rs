@@ -9,10 +9,13 @@ use candle_nn::VarBuilder;
 /// pre-activations: [`GroupNorm::forward_silu`] (`silu(norm(x))`) and
 /// [`GroupNorm::forward_add_silu`] (`silu(norm(x + shift))` with a per-sample, per-channel
 /// shift such as a ResBlock's timestep embedding). f32 CPU inputs run one pass per group in
-/// cache; everything else runs the same maths through candle.
+/// cache; inputs or weights that need gradients run [`super::norm_grad::group_norm`];
+/// everything else runs the same maths through candle.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
     groups: usize,
     eps: f64,
     /// Scale and offset as f32 vectors, when the fast kernel can use them.
@@ -42,20 +45,22 @@ impl GroupNorm {
         num_groups: usize,
         eps: f64,
     ) -> Result<Self> {
-        let affine = if super::fast_path(&weight) && super::fast_path(&bias) {
+        let constant = !weight.is_variable() && !bias.is_variable();
+        let affine = if constant && super::fast_path(&weight) && super::fast_path(&bias) {
             Some((weight.to_vec1::<f32>()?, bias.to_vec1::<f32>()?))
         } else {
             None
         };
-        let inner = candle_nn::GroupNorm::new(weight, bias, num_channels, num_groups, eps)?;
-        Ok(Self { inner, groups: num_groups, eps, affine })
+        let inner =
+            candle_nn::GroupNorm::new(weight.clone(), bias.clone(), num_channels, num_groups, eps)?;
+        Ok(Self { inner, weight, bias, groups: num_groups, eps, affine })
     }
 
     /// `silu(norm(x))` in one pass.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         match self.kernel(x, true, None)? {
             Some(y) => Ok(y),
-            None => self.inner.forward(x)?.silu(),
+            None => self.forward_unfused(x)?.silu(),
         }
     }
 
@@ -75,14 +80,25 @@ impl GroupNorm {
         }
         let mut dims = vec![1; x.rank()];
         dims[..2].copy_from_slice(&[batch, channels]);
-        self.inner.forward(&x.broadcast_add(&shift.reshape(dims)?)?)?.silu()
+        self.forward_unfused(&x.broadcast_add(&shift.reshape(dims)?)?)?.silu()
+    }
+
+    /// The normalisation without the fused kernel, differentiable when gradients are needed.
+    fn forward_unfused(&self, x: &Tensor) -> Result<Tensor> {
+        let trains = x.track_op() || self.weight.track_op() || self.bias.track_op();
+        if trains && super::norm_grad::supports(x, &self.weight) {
+            super::norm_grad::group_norm(x, &self.weight, &self.bias, self.groups, self.eps)
+        } else {
+            self.inner.forward(x)
+        }
     }
 
     /// The fused kernel's result, or `None` when the inputs need the candle path.
     fn kernel(&self, x: &Tensor, silu: bool, shift: Option<&Tensor>) -> Result<Option<Tensor>> {
         let Some((gamma, beta)) = &self.affine else { return Ok(None) };
         let shape_ok = x.rank() >= 3 && x.dim(1)? == gamma.len();
-        if !shape_ok || !super::fast_path(x) || !shift.is_none_or(super::fast_path) {
+        let fast = |t: &Tensor| super::fast_path(t) && !t.track_op();
+        if !shape_ok || !fast(x) || !shift.is_none_or(fast) {
             return Ok(None);
         }
         let shift = shift.map(|s| s.flatten_all()?.to_vec1::<f32>()).transpose()?;
@@ -95,7 +111,7 @@ impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self.kernel(x, false, None)? {
             Some(y) => Ok(y),
-            None => self.inner.forward(x),
+            None => self.forward_unfused(x),
         }
     }
 }

@@ -2,6 +2,10 @@
 //! SiLU ([`GroupNorm`]), fused attention ([`attention()`]) and fully connected layers
 //! ([`Linear`]).
 //!
+//! The packed kernels have no backward pass: whenever an input or weight is part of a gradient
+//! graph (training) the layers take a differentiable path instead, for convolution the
+//! patch-matrix product of [`patches`], which differentiates far faster than candle's own.
+//!
 //! candle's own convolution, normalisation and attention run 3–5× slower than PyTorch's on a
 //! small AVX2 CPU, and its matrix product about 25 % slower (DESIGN.md section 4); together they
 //! are nearly all of the UNet's time. These layers load
@@ -14,6 +18,9 @@ mod attention;
 mod conv;
 mod group_norm;
 mod linear;
+mod norm_grad;
+pub mod patches;
+mod resample;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -21,6 +28,7 @@ pub use attention::{attention, attention_reference};
 pub use conv::{conv2d, conv2d_no_bias, Conv2d};
 pub use group_norm::{group_norm, GroupNorm};
 pub use linear::{linear, linear_no_bias, Linear};
+pub use resample::upsample_nearest2x;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 

@@ -34,16 +34,27 @@ pub fn step_rng(seed: u64, step: u64) -> ChaCha8Rng {
     rng
 }
 
-/// The VQ-VAE losses of one batch: (reconstruction MSE, quantization loss, distinct codebook
-/// entries used). Quantization
-/// uses `codebook` [n, c] (the live variable, as the model's copy of its squared norms is
-/// stale during training) with the straight-through estimator; the quantization loss is
-/// `‖sg(z) − e‖² + β‖z − sg(e)‖²` as in the official VQ-VAE (taming's quantizer).
-pub fn vqvae_losses(
-    model: &SlotDiffusion,
-    codebook: &Tensor,
-    images: &Tensor,
-) -> Result<(Tensor, Tensor, usize)> {
+/// Steps between restarts of the codebook entries a batch leaves unused.
+pub const RESTART_EVERY: u64 = 25;
+
+/// What the VQ-VAE stage computes on a batch.
+#[derive(Debug)]
+pub struct VqLosses {
+    /// Reconstruction MSE.
+    pub recon: Tensor,
+    /// Quantization loss.
+    pub quant: Tensor,
+    /// The codebook entries the batch used, ascending.
+    pub used: Vec<u32>,
+    /// The encoder's latent vectors [N, c] (no gradient), candidates for restarts.
+    pub latents: Tensor,
+}
+
+/// The VQ-VAE losses of one batch. Quantization uses `codebook` [n, c] (the live variable,
+/// as the model's copy of its squared norms is stale during training) with the
+/// straight-through estimator; the quantization loss is `‖sg(z) − e‖² + β‖z − sg(e)‖²` as in
+/// the official VQ-VAE (taming's quantizer).
+pub fn vqvae_losses(model: &SlotDiffusion, codebook: &Tensor, images: &Tensor) -> Result<VqLosses> {
     let z = model.vqvae().encode(images)?;
     let (b, c, h, w) = z.dims4()?;
     let flat = z.permute((0, 2, 3, 1))?.reshape((b * h * w, c))?;
@@ -65,7 +76,38 @@ pub fn vqvae_losses(
     let mut used = idx.to_vec1::<u32>()?;
     used.sort_unstable();
     used.dedup();
-    Ok(((recon - images)?.sqr()?.mean_all()?, quant_loss, used.len()))
+    let recon = (recon - images)?.sqr()?.mean_all()?;
+    Ok(VqLosses { recon, quant: quant_loss, used, latents: flat.detach() })
+}
+
+/// `codebook` with every entry the batch left unused moved onto one of the batch's latent
+/// vectors, drawn from `rng` (dead-code restarts: without them a 1024-entry book of a small
+/// VQ-VAE settles on a few dozen codes).
+pub fn restarted_codebook(
+    codebook: &Tensor,
+    losses: &VqLosses,
+    rng: &mut ChaCha8Rng,
+) -> Result<Tensor> {
+    let (n, c) = codebook.dims2()?;
+    let latents = losses.latents.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let mut book = codebook.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut used = losses.used.iter().peekable();
+    for code in 0..n as u32 {
+        if used.next_if_eq(&&code).is_none() {
+            let source = &latents[rng.random_range(0..latents.len())];
+            book[code as usize * c..][..c].copy_from_slice(source);
+        }
+    }
+    Tensor::from_vec(book, (n, c), codebook.device())?.to_dtype(codebook.dtype())
+}
+
+/// The curriculum stage's loss: the auxiliary reconstruction from the image's own slots and
+/// masks (no VQ-VAE, no UNet).
+pub fn slot_loss(model: &SlotDiffusion, images: &Tensor, aux: &AuxDecoder) -> Result<Tensor> {
+    let features = model.encoder().forward(images)?;
+    let (slots, masks) = model.slot_attention().forward(&features, None)?;
+    let grid = model.encoder().grid(images.dim(2)?, images.dim(3)?);
+    aux.loss(&slots, &masks, images, grid)
 }
 
 /// What stage 2 computes on a batch.

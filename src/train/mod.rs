@@ -1,13 +1,16 @@
 //! `slotserve train` and `slotserve eval`: the embedded default model, trained in candle on
 //! procedural scenes with the same modules that serve it, and scored with the paper's metrics.
 //!
-//! Training has two stages over one step counter, as in the paper: steps
-//! `0..vqvae_steps` train the VQ-VAE alone (reconstruction MSE + quantization loss), the
-//! following `steps` train encoder, Slot Attention and UNet with the latent denoising loss
-//! on the frozen VQ-VAE (plus an optional auxiliary reconstruction, see
-//! [`losses::AuxDecoder`]). Every random number of step `s` comes from a ChaCha8 stream
-//! derived from (seed, s), and the scenes of step `s` are the training scenes
-//! `s·B..(s+1)·B`, so a checkpoint (variables, Adam moments, step) resumes exactly.
+//! Training runs three stages over one step counter: a curriculum stage of `slot_steps`
+//! trains encoder and Slot Attention alone through the auxiliary reconstruction of
+//! [`losses::AuxDecoder`] (objects separate in a fraction of the full step's time); then, as
+//! in the paper, `vqvae_steps` train the VQ-VAE alone (reconstruction MSE + quantization
+//! loss, unused codes restarted), and the final `steps` train encoder, Slot Attention and
+//! UNet with the latent denoising loss on the frozen VQ-VAE (plus the auxiliary loss).
+//!
+//! Every random number of step `s` comes from a ChaCha8 stream derived from (seed, s), and
+//! the scenes of step `s` are the training scenes from `s·max(B, B_slots)` on, so a
+//! checkpoint (variables, Adam moments, step) resumes exactly.
 
 pub mod evaluate;
 pub mod losses;
@@ -24,7 +27,7 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    ModelConfig, Preset, SamplerDefaults, CONFIG_FILE, VQVAE_PREFIX, WEIGHTS_FILE,
+    ModelConfig, Preset, SamplerDefaults, CONFIG_FILE, UNET_PREFIX, VQVAE_PREFIX, WEIGHTS_FILE,
 };
 use crate::data::SceneConfig;
 use crate::imageio::Preprocess;
@@ -38,7 +41,10 @@ use crate::model::unet::UNetConfig;
 use crate::model::vit::ViTConfig;
 use crate::model::vqvae::VqVaeConfig;
 pub use evaluate::{eval, EvalArgs};
-use losses::{diffusion_losses, scene_batch, step_rng, vqvae_losses, AuxDecoder, AUX_PREFIX};
+use losses::{
+    diffusion_losses, restarted_codebook, scene_batch, slot_loss, step_rng, vqvae_losses,
+    AuxDecoder, AUX_PREFIX, RESTART_EVERY,
+};
 use optim::{Adam, AdamConfig};
 
 /// Checkpoint files inside the training folder.
@@ -58,10 +64,14 @@ pub enum EncoderKind {
     Vit,
 }
 
-/// The small SlotDiffusion of the embedded default model, for `resolution`² scenes (64):
-/// 16² feature grid, 7 slots of width 64, a 2-level UNet of width `unet_channels` on the
-/// 16² × 3 latent of a VQ-VAE (ch 32, ×4 downsampling, 1024 codes).
-pub fn default_config(encoder: EncoderKind, unet_channels: usize) -> ModelConfig {
+/// The small SlotDiffusion of the embedded default model, for 64² scenes: 16² feature grid,
+/// 7 slots of width 64, a 2-level UNet of width `unet_channels` on the 16² × 3 latent of a
+/// VQ-VAE of base width `vqvae_channels` (×4 downsampling, 1024 codes).
+pub fn default_config(
+    encoder: EncoderKind,
+    unet_channels: usize,
+    vqvae_channels: usize,
+) -> ModelConfig {
     let slot_size = 64;
     let backbone = match encoder {
         EncoderKind::Resnet => {
@@ -103,7 +113,7 @@ pub fn default_config(encoder: EncoderKind, unet_channels: usize) -> ModelConfig
         },
         vqvae: VqVaeConfig {
             in_channels: 3,
-            ch: 32,
+            ch: vqvae_channels,
             ch_mult: vec![1, 2, 4],
             num_res_blocks: 1,
             z_channels: 3,
@@ -121,8 +131,14 @@ pub fn default_config(encoder: EncoderKind, unet_channels: usize) -> ModelConfig
 pub struct TrainOptions {
     /// Seeds the initial weights and every step's random numbers.
     pub seed: u64,
-    /// Scenes per step.
+    /// Scenes per step of stages 1 and 2.
     pub batch: usize,
+    /// Steps of the curriculum stage (encoder and Slot Attention, auxiliary loss only).
+    #[serde(default)]
+    pub slot_steps: u64,
+    /// Scenes per step of the curriculum stage (its steps are cheap; bigger batches help).
+    #[serde(default)]
+    pub slot_batch: usize,
     /// Steps of stage 1 (VQ-VAE).
     pub vqvae_steps: u64,
     /// Steps of stage 2 (encoder, Slot Attention, UNet).
@@ -140,23 +156,44 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
-    /// Total steps of both stages.
+    /// Total steps of all stages.
     pub fn total_steps(&self) -> u64 {
-        self.vqvae_steps + self.steps
+        self.slot_steps + self.vqvae_steps + self.steps
+    }
+
+    /// Scenes per step in `stage`.
+    pub fn batch_at(&self, stage: Stage) -> usize {
+        match stage {
+            Stage::Slots => self.slot_batch,
+            Stage::VqVae | Stage::Diffusion => self.batch,
+        }
+    }
+
+    /// The stage step `step` (0-based) belongs to.
+    pub fn stage_at(&self, step: u64) -> Stage {
+        if step < self.slot_steps {
+            Stage::Slots
+        } else if step < self.slot_steps + self.vqvae_steps {
+            Stage::VqVae
+        } else {
+            Stage::Diffusion
+        }
     }
 
     fn adam(&self, stage: Stage) -> AdamConfig {
         let lr = match stage {
             Stage::VqVae => self.vqvae_lr,
-            Stage::Diffusion => self.lr,
+            Stage::Slots | Stage::Diffusion => self.lr,
         };
         AdamConfig::new(lr, self.warmup, (self.clip > 0.0).then_some(self.clip))
     }
 }
 
-/// The two training stages.
+/// The training stages, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Stage {
+    /// Curriculum: encoder and Slot Attention through the auxiliary reconstruction alone.
+    Slots,
     /// VQ-VAE alone.
     VqVae,
     /// Encoder, Slot Attention and UNet on the frozen VQ-VAE.
@@ -168,6 +205,7 @@ impl Stage {
     fn trains(self, name: &str) -> bool {
         let vq = name.starts_with(VQVAE_PREFIX);
         match self {
+            Self::Slots => !vq && !name.starts_with(UNET_PREFIX),
             Self::VqVae => vq,
             Self::Diffusion => !vq,
         }
@@ -183,9 +221,9 @@ pub struct StepStats {
     pub stage: Stage,
     /// The optimised loss.
     pub loss: f64,
-    /// Stage 1: reconstruction MSE; stage 2: the denoising loss.
+    /// Curriculum: auxiliary loss; stage 1: reconstruction MSE; stage 2: the denoising loss.
     pub main: f64,
-    /// Stage 1: quantization loss; stage 2: auxiliary loss.
+    /// Curriculum: 0; stage 1: quantization loss; stage 2: auxiliary loss.
     pub extra: f64,
     /// Stage 1: codebook entries used by the batch; stage 2: 0.
     pub codes: usize,
@@ -217,17 +255,6 @@ pub struct Trainer {
     scenes: SceneConfig,
 }
 
-/// Turns off the fast inference kernels, which pack weights once and have no backward pass:
-/// training needs candle's own ops. Fails if they were already switched on in this process.
-pub fn use_trainable_ops() -> anyhow::Result<()> {
-    // SAFETY: called before any op reads the variable; training starts no threads before.
-    std::env::set_var(crate::ops::PLAIN_OPS_ENV, "1");
-    if crate::ops::kernels_enabled() {
-        bail!("fast kernels are already on in this process; they cannot be trained through");
-    }
-    Ok(())
-}
-
 impl Trainer {
     /// A fresh run: seeded random weights for `config`, step 0.
     pub fn new(
@@ -236,12 +263,11 @@ impl Trainer {
         scenes: SceneConfig,
         device: &Device,
     ) -> anyhow::Result<Self> {
-        use_trainable_ops()?;
         let vars = VarMap::new();
         let model = SlotDiffusion::random(&config, options.seed, &vars, device)?;
         let vb = seeded_var_builder(&vars, options.seed, DType::F32, device);
         let aux = AuxDecoder::new(vb.pp(AUX_PREFIX), config.slot_size())?;
-        let stage = Self::stage_at(&options, 0);
+        let stage = options.stage_at(0);
         let optim = Adam::new(trained_vars(&vars, stage), options.adam(stage))?;
         Ok(Self { model, vars, aux, optim, stage, step: 0, options, scenes })
     }
@@ -321,26 +347,37 @@ impl Trainer {
 
     /// Takes the next step on its own batch of training scenes.
     pub fn step(&mut self) -> anyhow::Result<StepStats> {
-        let first = self.step * self.options.batch as u64;
-        let images = scene_batch(&self.scenes, first, self.options.batch, self.model.device())?;
+        let batch = self.options.batch_at(self.options.stage_at(self.step));
+        let stride = self.options.batch.max(self.options.slot_batch) as u64;
+        let images = scene_batch(&self.scenes, self.step * stride, batch, self.model.device())?;
         self.step_on(&images)
     }
 
     /// Takes the next step on the given images [B, 3, H, W] in [-1, 1] (tests use a fixed
     /// batch); the step's random numbers still come from (seed, step).
     pub fn step_on(&mut self, images: &Tensor) -> anyhow::Result<StepStats> {
-        let stage = Self::stage_at(&self.options, self.step);
+        let stage = self.options.stage_at(self.step);
         if stage != self.stage {
             self.stage = stage;
             self.optim = Adam::new(trained_vars(&self.vars, stage), self.options.adam(stage))?;
         }
         let mut rng = step_rng(self.options.seed, self.step);
+        let mut restart = None;
         let (loss, main, extra, codes) = match stage {
+            Stage::Slots => {
+                let aux = slot_loss(&self.model, images, &self.aux)?;
+                let a = scalar(&aux)?;
+                (aux, a, 0.0, 0)
+            }
             Stage::VqVae => {
                 let codebook = self.codebook()?;
-                let (recon, quant, codes) = vqvae_losses(&self.model, &codebook, images)?;
-                let (r, q) = (scalar(&recon)?, scalar(&quant)?);
-                ((recon + quant)?, r, q, codes)
+                let l = vqvae_losses(&self.model, &codebook, images)?;
+                let (r, q) = (scalar(&l.recon)?, scalar(&l.quant)?);
+                let codes = l.used.len();
+                if (self.step + 1) % RESTART_EVERY == 0 {
+                    restart = Some(restarted_codebook(&codebook, &l, &mut rng)?);
+                }
+                ((l.recon + l.quant)?, r, q, codes)
             }
             Stage::Diffusion => {
                 let aux = (self.options.aux_weight > 0.0).then_some(&self.aux);
@@ -357,6 +394,9 @@ impl Trainer {
         };
         let grads = loss.backward()?;
         let grad_norm = self.optim.step(&grads)?;
+        if let Some(codebook) = restart {
+            self.codebook_var()?.set(&codebook)?;
+        }
         let stats = StepStats {
             step: self.step,
             stage,
@@ -370,20 +410,16 @@ impl Trainer {
         Ok(stats)
     }
 
-    fn stage_at(options: &TrainOptions, step: u64) -> Stage {
-        if step < options.vqvae_steps {
-            Stage::VqVae
-        } else {
-            Stage::Diffusion
-        }
+    /// The live codebook [n_embed, embed_dim].
+    fn codebook(&self) -> anyhow::Result<Tensor> {
+        Ok(self.codebook_var()?.as_tensor().clone())
     }
 
-    /// The live codebook variable [n_embed, embed_dim].
-    fn codebook(&self) -> anyhow::Result<Tensor> {
+    /// The codebook variable.
+    fn codebook_var(&self) -> anyhow::Result<Var> {
         let name = format!("{VQVAE_PREFIX}.quantize.embedding.weight");
         let data = self.vars.data().lock().map_err(|_| anyhow::anyhow!("var map poisoned"))?;
-        let var = data.get(&name).with_context(|| format!("no variable {name}"))?;
-        Ok(var.as_tensor().clone())
+        Ok(data.get(&name).with_context(|| format!("no variable {name}"))?.clone())
     }
 }
 
@@ -420,9 +456,15 @@ pub struct TrainArgs {
     /// Seed of the initial weights and of every step's noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Scenes per step.
+    /// Scenes per step of stages 1 and 2.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    /// Steps of the curriculum stage (encoder and Slot Attention, auxiliary loss only).
+    #[arg(long, default_value_t = 0)]
+    pub slot_steps: u64,
+    /// Scenes per step of the curriculum stage.
+    #[arg(long, default_value_t = 32)]
+    pub slot_batch: usize,
     /// Steps of stage 1 (VQ-VAE).
     #[arg(long, default_value_t = 800)]
     pub vqvae_steps: u64,
@@ -450,6 +492,9 @@ pub struct TrainArgs {
     /// UNet base width.
     #[arg(long, default_value_t = 64)]
     pub unet_channels: usize,
+    /// VQ-VAE base width.
+    #[arg(long, default_value_t = 32)]
+    pub vqvae_channels: usize,
     /// Seconds between checkpoints.
     #[arg(long, default_value_t = 300)]
     pub checkpoint_secs: u64,
@@ -466,6 +511,8 @@ impl TrainArgs {
         TrainOptions {
             seed: self.seed,
             batch: self.batch,
+            slot_steps: self.slot_steps,
+            slot_batch: self.slot_batch,
             vqvae_steps: self.vqvae_steps,
             steps: self.steps,
             vqvae_lr: self.vqvae_lr,
@@ -490,7 +537,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
                 args.out.display()
             );
         }
-        let config = default_config(args.encoder, args.unet_channels);
+        let config = default_config(args.encoder, args.unet_channels, args.vqvae_channels);
         Trainer::new(config, args.options(), SceneConfig::default(), &device)?
     };
     std::fs::create_dir_all(&args.out)?;
@@ -534,7 +581,7 @@ fn progress_line(stats: &StepStats, trainer: &Trainer, elapsed: f64, start_step:
     let eta = (total.saturating_sub(done) as f64 / rate.max(1e-9)) as u64;
     let codes = match stats.stage {
         Stage::VqVae => format!(" codes {}", stats.codes),
-        Stage::Diffusion => String::new(),
+        Stage::Slots | Stage::Diffusion => String::new(),
     };
     format!(
         "step {done}/{total} [{:?}] loss {:.5} ({:.5} + {:.5}){codes} |g| {:.3} · {rate:.3} steps/s · ETA {}h {:02}m",

@@ -2,8 +2,8 @@
 # Browser test of the playground page at `/`: a real `slotserve serve` on 127.0.0.1 with an
 # API key, and headless Chromium from Debian's packages driven by playwright-core
 # (tests/browser/playground.mjs): key, generated scene, decomposition, slot removal, renders
-# with a streamed progress bar, pixel checks, undo/redo, drag-and-drop between two images and
-# an API error shown on the page. Screenshots of each stage go to the output folder.
+# with a streamed progress bar, pixel checks, undo/redo, an uploaded JPEG, drag-and-drop
+# between two images and an API error shown on the page. Screenshots of each stage go to the output folder.
 #
 #   scripts/playground-test.sh [--bin PATH] [--model PATH] [--out DIR] [--screenshot PATH]
 #
@@ -102,5 +102,6 @@ curl -fs -o /dev/null "$URL/health" || fail "the server was not healthy after 60
 log "server on $URL, model $MODEL; browser $CHROMIUM"
 
 # --- the browser test -------------------------------------------------------------------------
+"$BIN" scene --seed 2 --out "$WORK/upload.jpg" > /dev/null
 node tests/browser/playground.mjs --url "$URL" --key "$KEY" --chromium "$CHROMIUM" \
-  --out "$OUT" ${SCREENSHOT:+--screenshot "$SCREENSHOT"}
+  --out "$OUT" --upload "$WORK/upload.jpg" ${SCREENSHOT:+--screenshot "$SCREENSHOT"}

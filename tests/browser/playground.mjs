@@ -1,11 +1,13 @@
 // Browser test of the playground page, against a running slotserve that requires an API key
 // (scripts/playground-test.sh starts one). In headless Chromium, as a person would:
 // enter the key, generate and decompose a scene, render it, remove its largest slot, render
-// again and compare with the input where the slot was, undo and redo with the keyboard, drag slots between two images
-// (insert and swap) and render both, and read an API error on the page. Screenshots of each
+// again and compare with the input where the slot was, undo and redo with the keyboard, upload
+// a second image, drag slots between the two (insert and swap) and render both, and read an
+// API error on the page. Screenshots of each
 // stage go to --out.
 //
 //   node playground.mjs --url http://127.0.0.1:PORT --key KEY --chromium PATH --out DIR
+//                       --upload IMAGE         (a PNG or JPEG for the second panel)
 //                       [--screenshot PATH]    (a copy of the two-image screenshot)
 
 import assert from 'node:assert/strict';
@@ -19,10 +21,11 @@ const { values: args } = parseArgs({
     key: { type: 'string' },
     chromium: { type: 'string' },
     out: { type: 'string' },
+    upload: { type: 'string' },
     screenshot: { type: 'string' },
   },
 });
-for (const name of ['url', 'key', 'chromium', 'out']) assert.ok(args[name], `--${name} is required`);
+for (const name of ['url', 'key', 'chromium', 'out', 'upload']) assert.ok(args[name], `--${name} is required`);
 
 // Rendering on a CPU in a debug build takes a while; these bound a hang, they time nothing.
 const RENDER_TIMEOUT = 300_000;
@@ -148,6 +151,8 @@ try {
     assert.ok(Math.abs(share - areas[largest]) < 0.02, `overlay region ${share}, slot area ${areas[largest]}`);
 
     const edited = await render(0);
+    const k = areas.length;
+    assert.match(await panel(0).locator('.result-caption').textContent(), new RegExp(`seed 5, ${k - 1} slots`));
     const input = await pixels(panel(0).locator('canvas.input'));
     const inside = meanDiff(edited, input, region);
     console.log(`playground-test:   region ${(share * 100).toFixed(1)}% of the image; mean |render - input| there ${inside.toFixed(1)} / 255`);
@@ -167,8 +172,10 @@ try {
     assert.equal(await removed(), 0);
   });
 
-  await step('slots dragged between two images are inserted and swapped, and both render', async () => {
-    await generateScene(1);
+  await step('an uploaded second image: slots dragged between the two are inserted and swapped, and both render', async () => {
+    await panel(1).locator('input.file').setInputFiles(args.upload);
+    await tiles(1).first().waitFor();
+    assert.equal(await panel(1).locator('.status').textContent(), args.upload.split('/').pop());
     const k = await tiles(0).count();
     await tiles(1).nth(0).dragTo(panel(0).locator('canvas.overlay'));
     assert.equal(await panel(0).locator('.slot.foreign').count(), 1, 'insert by dropping on the image');

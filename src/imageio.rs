@@ -196,23 +196,26 @@ pub fn encode_mask_png(mask: &[f32], w: u32, h: u32) -> Vec<u8> {
     out
 }
 
-/// A distinct colour for each slot id, shared by segmentation PNGs and the playground.
+/// The slot colours, in slot order; ids past the end wrap around. Shared by segmentation
+/// PNGs, ground-truth drawings and the playground, so a slot looks the same everywhere.
+pub const SLOT_PALETTE: [[u8; 3]; 12] = [
+    [230, 25, 75],
+    [60, 180, 75],
+    [255, 225, 25],
+    [0, 130, 200],
+    [245, 130, 48],
+    [145, 30, 180],
+    [70, 240, 240],
+    [240, 50, 230],
+    [210, 245, 60],
+    [250, 190, 212],
+    [0, 128, 128],
+    [170, 110, 40],
+];
+
+/// The colour of slot `id` in [`SLOT_PALETTE`].
 pub fn slot_color(id: usize) -> [u8; 3] {
-    const PALETTE: [[u8; 3]; 12] = [
-        [230, 25, 75],
-        [60, 180, 75],
-        [255, 225, 25],
-        [0, 130, 200],
-        [245, 130, 48],
-        [145, 30, 180],
-        [70, 240, 240],
-        [240, 50, 230],
-        [210, 245, 60],
-        [250, 190, 212],
-        [0, 128, 128],
-        [170, 110, 40],
-    ];
-    PALETTE[id % PALETTE.len()]
+    SLOT_PALETTE[id % SLOT_PALETTE.len()]
 }
 
 /// Encodes a label map (one slot id per pixel, row-major `h`×`w`) as an indexed-colour PNG

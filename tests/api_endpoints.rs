@@ -1,6 +1,6 @@
 //! Every endpoint over real HTTP: decompose (JSON, multipart, raw body), render (JSON, raw
-//! PNG, server-sent events), edit (swap between images, remove, compose), health, info,
-//! metrics, and the optional API key.
+//! PNG, server-sent events), edit (swap between images, remove, compose), scene, health,
+//! info, metrics, the playground's files, and the optional API key.
 
 mod api_common;
 
@@ -9,6 +9,8 @@ use api_common::{
 };
 use futures::StreamExt;
 use serde_json::{json, Value};
+use slotserve::data::{Scene, SceneConfig};
+use slotserve::imageio::slot_color;
 
 /// Checks one decomposed image of the tiny model; `pngs`: whether masks were asked for.
 fn check_decomposed(image: &Value, fingerprint: &Value, pngs: bool) {
@@ -216,6 +218,66 @@ async fn edit_swaps_between_images_and_removes() {
 }
 
 #[tokio::test]
+async fn scene_answers_the_procedural_scene_of_a_seed() {
+    let server = TestServer::start(settings()).await;
+    let get = |query: &str| server.client.get(server.url(&format!("/scene{query}"))).send();
+    let r = get("?seed=3").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/png");
+    assert_eq!(r.headers()["x-seed"], "3");
+    let image = image::load_from_memory(&r.bytes().await.unwrap()).unwrap().to_rgb8();
+    assert_eq!(image, Scene::generate(&SceneConfig::default(), 3).render().to_rgb_image());
+
+    // Without a seed, a random one, echoed so the scene can be had again.
+    let r = get("").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seed = r.headers()["x-seed"].to_str().unwrap().to_string();
+    let random = r.bytes().await.unwrap();
+    let again = get(&format!("?seed={seed}")).await.unwrap().bytes().await.unwrap();
+    assert_eq!(again, random);
+
+    let r = get("?seed=three").await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error_type"], "invalid_request");
+}
+
+#[tokio::test]
+async fn playground_files_are_served_with_types_and_validators() {
+    let server = TestServer::start(settings()).await;
+    let get = |path: &str| server.client.get(server.url(path)).send();
+    let page = get("/").await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    assert_eq!(page.headers()["cache-control"], "no-cache");
+    let policy = page.headers()["content-security-policy"].to_str().unwrap().to_string();
+    assert!(policy.starts_with("default-src 'self';"), "{policy}");
+    let html = page.text().await.unwrap();
+    assert!(html.contains(r#"<script type="module" src="/playground/app.js">"#), "{html}");
+
+    for (path, content_type) in [
+        ("/playground/app.js", "text/javascript; charset=utf-8"),
+        ("/playground/style.css", "text/css; charset=utf-8"),
+    ] {
+        let r = get(path).await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.headers()["content-type"], content_type);
+        // Unchanged files are revalidated, not sent again.
+        let etag = r.headers()["etag"].clone();
+        let again =
+            server.client.get(server.url(path)).header("if-none-match", etag).send().await.unwrap();
+        assert_eq!(again.status(), 304, "{path}");
+    }
+
+    let palette = get("/playground/palette.js").await.unwrap().text().await.unwrap();
+    let [r, g, b] = slot_color(1);
+    assert!(palette.contains(&format!("], [{r}, {g}, {b}], ")), "{palette}");
+
+    let missing = get("/playground/nothing.js").await.unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(missing.json::<Value>().await.unwrap()["error_type"], "not_found");
+}
+
+#[tokio::test]
 async fn health_info_and_metrics() {
     let server = TestServer::start(settings()).await;
     let (status, health) = server.get("/health").await;
@@ -285,7 +347,7 @@ async fn a_model_that_fails_to_load_stops_the_server_with_the_reason() {
 }
 
 #[tokio::test]
-async fn api_key_guards_all_but_health_and_metrics() {
+async fn api_key_guards_all_but_health_metrics_and_the_playground_files() {
     let mut s = settings();
     s.api_key = Some("sesame".into());
     let server = TestServer::start(s).await;
@@ -317,6 +379,8 @@ async fn api_key_guards_all_but_health_and_metrics() {
             .status(),
         200
     );
-    assert_eq!(client.get(server.url("/health")).send().await.unwrap().status(), 200);
-    assert_eq!(client.get(server.url("/metrics")).send().await.unwrap().status(), 200);
+    assert_eq!(client.get(server.url("/scene")).send().await.unwrap().status(), 401);
+    for open in ["/health", "/metrics", "/", "/playground/app.js"] {
+        assert_eq!(client.get(server.url(open)).send().await.unwrap().status(), 200, "{open}");
+    }
 }

@@ -1,5 +1,6 @@
-//! The HTTP API (axum): `/decompose`, `/render`, `/edit`, `/health`, `/info`, `/metrics` and
-//! `/openapi.json`, in front of the [engine](crate::engine).
+//! The HTTP API (axum): `/decompose`, `/render`, `/edit`, `/scene`, `/health`, `/info`,
+//! `/metrics` and `/openapi.json`, in front of the [engine](crate::engine), and the
+//! playground page at `/` that uses them.
 //!
 //! Handlers are thin: they parse and validate everything (images, slot sets, edits, sampling
 //! options, limits) before queueing work, map every failure to a JSON error, and leave the
@@ -10,6 +11,7 @@ mod error;
 mod inputs;
 mod middleware;
 mod openapi;
+mod playground;
 mod respond;
 mod routes;
 mod sampling;
@@ -133,7 +135,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SLOTSERVE_REQUEST_TIMEOUT", default_value_t = DEFAULT_REQUEST_TIMEOUT_SECS)]
     pub request_timeout: u64,
     /// API key required (as `Authorization: Bearer` or `x-api-key`) on every endpoint but
-    /// `/health` and `/metrics`.
+    /// `/health`, `/metrics` and the playground's files (`/`, `/playground/*`).
     #[arg(long, env = "SLOTSERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Warm the model up before `/health` reports ready.
@@ -182,7 +184,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 pub struct Settings {
     /// Limits on requests, batches and the queue.
     pub limits: Limits,
-    /// API key required on every endpoint but `/health` and `/metrics`; `None`: open.
+    /// API key required on every endpoint but `/health`, `/metrics` and the playground's
+    /// files; `None`: open.
     pub api_key: Option<String>,
     /// Warm the model up before reporting ready.
     pub warmup: bool,
@@ -234,8 +237,8 @@ impl AppState {
     }
 }
 
-/// The application: protected model and info routes, open health and metrics routes,
-/// JSON errors for unknown paths and methods, body limit, metrics and tracing layers.
+/// The application: protected model and info routes, open health, metrics and playground
+/// routes, JSON errors for unknown paths and methods, body limit, metrics and tracing layers.
 fn router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/decompose", post(routes::decompose))
@@ -243,12 +246,16 @@ fn router(state: AppState) -> Router {
         .route("/edit", post(routes::edit))
         .route("/info", get(routes::info))
         .route("/openapi.json", get(routes::openapi_json))
+        .route("/scene", get(routes::scene))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::require_api_key,
         ));
-    let open =
-        Router::new().route("/health", get(routes::health)).route("/metrics", get(routes::metrics));
+    let open = Router::new()
+        .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
+        .route("/", get(playground::page))
+        .route("/playground/{file}", get(playground::asset));
     Router::new()
         .merge(protected)
         .merge(open)

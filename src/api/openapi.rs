@@ -29,6 +29,7 @@ use crate::slots::SlotSetJson;
         routes::decompose,
         routes::render,
         routes::edit,
+        routes::scene,
         routes::health,
         routes::info,
         routes::metrics,
@@ -43,7 +44,7 @@ use crate::slots::SlotSetJson;
     modifiers(&Security),
     tags(
         (name = "model", description = "Decompose, render and edit"),
-        (name = "service", description = "Health, facts, metrics and this document"),
+        (name = "service", description = "Health, facts, metrics, this document and test scenes"),
     ),
 )]
 struct ApiDoc;

@@ -205,12 +205,19 @@ impl RenderReply {
     }
 }
 
-/// One raw PNG with the sampling facts in headers.
-fn raw_png(image: &RgbImage, s: &Sampling) -> Response {
+/// An image as a raw PNG body, with the seed that made it in `x-seed`.
+pub fn png_response(image: &RgbImage, seed: u64) -> Response {
     let mut response = encode_png(image).into_response();
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("image/png"));
-    headers.insert("x-seed", HeaderValue::from(s.seed));
+    headers.insert("x-seed", HeaderValue::from(seed));
+    response
+}
+
+/// One raw PNG with the sampling facts in headers.
+fn raw_png(image: &RgbImage, s: &Sampling) -> Response {
+    let mut response = png_response(image, s.seed);
+    let headers = response.headers_mut();
     headers.insert("x-steps", HeaderValue::from(s.steps));
     headers.insert("x-sampler", HeaderValue::from_static(s.sampler.name()));
     response

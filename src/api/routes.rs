@@ -16,9 +16,10 @@ use super::respond::{self, wait_for_images, RenderReply};
 use super::sampling::Sampling;
 use super::types::{
     DecomposeForm, DecomposeQuery, DecomposeRequest, DecomposeResponse, EditRequest, EditResponse,
-    HealthResponse, InfoResponse, RenderRequest, RenderResponse,
+    HealthResponse, InfoResponse, RenderRequest, RenderResponse, SceneQuery,
 };
 use super::AppState;
+use crate::data::{Scene, SceneConfig};
 use crate::edit::{self, EditedSet};
 use crate::engine::{Decomposed, ModelInfo, Status};
 use crate::model::sampler::SamplerKind;
@@ -189,6 +190,26 @@ pub async fn edit(
     let mut events = state.engine.render(sampling.specs(sets.clone()))?;
     let images = wait_for_images(&mut events, sets.len(), deadline).await?;
     Ok(Json(respond::edited(plan, sets, &images, &sampling)))
+}
+
+/// A procedural scene (the default model's training data) as PNG: something to try the
+/// model on without an image at hand, as the playground's "generate scene" does.
+#[utoipa::path(
+    get, path = "/scene", tag = "service",
+    params(SceneQuery),
+    responses(
+        (status = 200, description = "The scene, 64×64", content_type = "image/png",
+            headers(("x-seed" = u64, description = "The scene's seed"))),
+        (status = 400, description = "Malformed seed", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+    ),
+    security((), ("bearer" = []), ("api_key" = [])),
+)]
+pub async fn scene(query: Result<Query<SceneQuery>, QueryRejection>) -> Result<Response, ApiError> {
+    let Query(query) = query?;
+    let seed = query.seed.unwrap_or_else(rand::random);
+    let image = Scene::generate(&SceneConfig::default(), seed).render().to_rgb_image();
+    Ok(respond::png_response(&image, seed))
 }
 
 /// Readiness: 200 once the model is loaded and warmed up, 503 otherwise.

@@ -36,6 +36,15 @@ pub struct DecomposeQuery {
     pub masks: Option<bool>,
 }
 
+/// Query options of `GET /scene`.
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SceneQuery {
+    /// Scene seed: the same seed always gives the same scene; random when absent (echoed in
+    /// `x-seed`).
+    pub seed: Option<u64>,
+}
+
 /// What `POST /decompose` returns.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct DecomposeResponse {

@@ -113,7 +113,7 @@ fn resume_continues_bit_for_bit() {
 fn eval_runs_end_to_end_on_a_tiny_random_model() {
     let t = trainer(0, 0, 0);
     let scenes: Vec<Scene> = slotserve::eval::held_out_scenes(&tiny_scenes(), 3);
-    let reports = evaluate_scenes(t.model(), &scenes, 2, 0).unwrap();
+    let reports = evaluate_scenes(t.model(), &scenes, 2, Some(0)).unwrap();
     println!("{}", slotserve::eval::format_table(&reports));
     assert_eq!(reports.len(), 3);
     let model = &reports[0];

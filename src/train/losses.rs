@@ -167,8 +167,15 @@ pub struct AuxDecoder {
 
 impl AuxDecoder {
     /// The decoder for slots of width `slot_size`, variables under `vb` (e.g. `aux`).
+    ///
+    /// The head starts at zero, so the first fields are flat black: with random weights the
+    /// fields of raw slots are large, and the first steps' huge loss drives the encoder's
+    /// features to a constant, after which every slot attends uniformly and never recovers.
     pub fn new(vb: VarBuilder, slot_size: usize) -> Result<Self> {
-        Ok(Self { head: candle_nn::linear(slot_size, 9, vb.pp("color"))? })
+        let vb = vb.pp("color");
+        let weight = vb.get_with_hints((9, slot_size), "weight", candle_nn::Init::Const(0.0))?;
+        let bias = vb.get_with_hints(9, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(Self { head: Linear::new(weight, Some(bias)) })
     }
 
     /// MSE between the mixture of colour fields and the images average-pooled to `grid`.

@@ -95,10 +95,13 @@ LB_PORT="${PORTS[3]}"
 
 # --- replicas -------------------------------------------------------------------------------
 declare -a RPID
+# nginx balances HTTP only, so the replicas run without gRPC (whose one default port they
+# would otherwise contend for).
 start_replica() { # index
   local i="$1"
   env -u SLOTSERVE_API_KEY SLOTSERVE_HOST=127.0.0.1 SLOTSERVE_PORT="${PORTS[$i]}" \
-    SLOTSERVE_MODEL="$MODEL" SLOTSERVE_DEVICE=cpu "$BIN" serve > "$WORK/replica$i.log" 2>&1 &
+    SLOTSERVE_GRPC_PORT=0 SLOTSERVE_MODEL="$MODEL" SLOTSERVE_DEVICE=cpu "$BIN" serve \
+    > "$WORK/replica$i.log" 2>&1 &
   RPID[$i]=$!
   PIDS+=($!)
 }

@@ -1,4 +1,4 @@
-//! slotserve: object-centric image editing with SlotDiffusion models, served over HTTP.
+//! slotserve: object-centric image editing with SlotDiffusion models, served over HTTP and gRPC.
 pub mod api;
 pub mod bench;
 pub mod checkpoint;
@@ -9,6 +9,7 @@ pub mod device;
 pub mod edit;
 pub mod engine;
 pub mod eval;
+pub mod grpc;
 pub mod imageio;
 pub mod model;
 pub mod ops;

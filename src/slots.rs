@@ -178,50 +178,74 @@ impl SlotSet {
         &self.model
     }
 
-    /// The JSON form of the set.
-    pub fn to_json(&self) -> SlotSetJson {
-        let bytes: Vec<u8> = self.values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        SlotSetJson {
-            shape: vec![self.num_slots, self.slot_size],
-            dtype: SLOT_DTYPE.to_string(),
-            data: STANDARD.encode(bytes),
-            model: self.model.clone(),
-        }
-    }
-}
-
-impl SlotSetJson {
-    /// Validates the set against the served model and decodes its values. Checks run from
-    /// the cheapest to the most expensive, so a wrong model is reported before bad data.
-    pub fn decode(&self, spec: &SlotSpec) -> Result<SlotSet, SlotError> {
-        if self.dtype != SLOT_DTYPE {
-            return Err(SlotError::Dtype(self.dtype.clone()));
-        }
-        let &[k, d] = self.shape.as_slice() else {
-            return Err(SlotError::Shape(self.shape.clone()));
-        };
-        if k == 0 || k > spec.max_slots {
-            return Err(SlotError::SlotCount { got: k, max: spec.max_slots });
-        }
-        if self.model != spec.fingerprint {
-            return Err(SlotError::Model {
-                got: self.model.clone(),
-                expected: spec.fingerprint.clone(),
-            });
-        }
-        if d != spec.slot_size {
-            return Err(SlotError::SlotSize { got: d, expected: spec.slot_size });
-        }
-        let bytes = STANDARD_PAD_INDIFFERENT
-            .decode(self.data.trim())
-            .map_err(|e| SlotError::Base64(e.to_string()))?;
+    /// The `k`×`d` set held in `bytes` as little-endian f32, row by row.
+    pub fn from_le_bytes(k: usize, d: usize, bytes: &[u8], model: &str) -> Result<Self, SlotError> {
         let expected = k * d * 4;
         if bytes.len() != expected {
             return Err(SlotError::Length { got: bytes.len(), expected, shape: [k, d] });
         }
         let values =
             bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        SlotSet::new(d, values, self.model.clone())
+        Self::new(d, values, model)
+    }
+
+    /// The values as little-endian f32 bytes, slot after slot (the wire form of `data`).
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        self.values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    /// The JSON form of the set.
+    pub fn to_json(&self) -> SlotSetJson {
+        SlotSetJson {
+            shape: vec![self.num_slots, self.slot_size],
+            dtype: SLOT_DTYPE.to_string(),
+            data: STANDARD.encode(self.to_le_bytes()),
+            model: self.model.clone(),
+        }
+    }
+}
+
+/// A slot set in one of its wire forms (JSON with base64 data, gRPC with raw bytes), not
+/// yet checked against the served model.
+pub trait WireSlotSet {
+    /// Validates the set against the served model and decodes its values. Checks run from
+    /// the cheapest to the most expensive, so a wrong model is reported before bad data.
+    fn decode(&self, spec: &SlotSpec) -> Result<SlotSet, SlotError>;
+}
+
+impl WireSlotSet for SlotSetJson {
+    fn decode(&self, spec: &SlotSpec) -> Result<SlotSet, SlotError> {
+        if self.dtype != SLOT_DTYPE {
+            return Err(SlotError::Dtype(self.dtype.clone()));
+        }
+        let (k, d) = spec.check_header(&self.shape, &self.model)?;
+        let bytes = STANDARD_PAD_INDIFFERENT
+            .decode(self.data.trim())
+            .map_err(|e| SlotError::Base64(e.to_string()))?;
+        SlotSet::from_le_bytes(k, d, &bytes, &self.model)
+    }
+}
+
+impl SlotSpec {
+    /// Checks a set's `shape` and `model` against the served model before its data is
+    /// read; `(K, D)` when they fit.
+    pub fn check_header(&self, shape: &[usize], model: &str) -> Result<(usize, usize), SlotError> {
+        let &[k, d] = shape else {
+            return Err(SlotError::Shape(shape.to_vec()));
+        };
+        if k == 0 || k > self.max_slots {
+            return Err(SlotError::SlotCount { got: k, max: self.max_slots });
+        }
+        if model != self.fingerprint {
+            return Err(SlotError::Model {
+                got: model.to_string(),
+                expected: self.fingerprint.clone(),
+            });
+        }
+        if d != self.slot_size {
+            return Err(SlotError::SlotSize { got: d, expected: self.slot_size });
+        }
+        Ok((k, d))
     }
 }
 

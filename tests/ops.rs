@@ -351,3 +351,13 @@ fn trainable_upsampling_has_candles_gradient() {
     let got = ops::upsample_nearest2x(tracked.as_tensor()).unwrap();
     assert_close("upsample value", &got, &x.upsample_nearest2d(8, 10).unwrap());
 }
+
+#[test]
+fn softmax_keeps_its_gradient_when_one_is_needed() {
+    let x = random(&[3, 5, 7], 500, 0.0, 2.0);
+    let got = gradients(&x, &[], |x| ops::softmax_last_dim(x).unwrap());
+    let want = gradients(&x, &[], |x| candle_nn::ops::softmax(x, D::Minus1).unwrap());
+    assert_close("softmax dinput", &got[0], &want[0]);
+    let fused = ops::softmax_last_dim(&x).unwrap();
+    assert_close("softmax value", &fused, &candle_nn::ops::softmax(&x, D::Minus1).unwrap());
+}

@@ -10,6 +10,7 @@ use base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT;
 use base64::Engine as _;
 use image::RgbImage;
 
+use super::blocking::on_blocking_thread;
 use super::error::ApiError;
 use super::types::DecomposeRequest;
 use crate::imageio::{decode_image, preprocess, ImageLimits, Preprocess};
@@ -27,6 +28,20 @@ pub fn check_count(count: usize, max: usize, what: &str) -> Result<(), ApiError>
             format!("{n} {what} given; this server accepts at most {max} per request"),
         )),
         _ => Ok(()),
+    }
+}
+
+/// 400 for an image with no bytes.
+fn empty_image() -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_image", "the image is empty")
+}
+
+/// Image files sent as raw bytes (gRPC, a raw body): at most `max`, none empty.
+pub fn check_images(images: Vec<Vec<u8>>, max: usize) -> Result<Vec<Vec<u8>>, ApiError> {
+    check_count(images.len(), max, "images")?;
+    match images.iter().position(Vec::is_empty) {
+        Some(i) => Err(empty_image().at(format!("image {i}"))),
+        None => Ok(images),
     }
 }
 
@@ -50,7 +65,7 @@ pub fn decode_base64_image(text: &str) -> Result<Vec<u8>, ApiError> {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_base64", format!("invalid base64: {e}"))
     })?;
     match bytes.is_empty() {
-        true => Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_image", "the image is empty")),
+        true => Err(empty_image()),
         false => Ok(bytes),
     }
 }
@@ -88,12 +103,7 @@ async fn multipart_images(mut form: Multipart, max: usize) -> Result<Vec<Vec<u8>
         check_count(images.len() + 1, max, "images")?;
         let bytes = field.bytes().await?;
         if bytes.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_image",
-                "the image is empty",
-            )
-            .at(format!("image {}", images.len())));
+            return Err(empty_image().at(format!("image {}", images.len())));
         }
         images.push(bytes.to_vec());
     }
@@ -109,7 +119,7 @@ pub async fn read_images(request: Request, max: usize) -> Result<Vec<Vec<u8>>, A
     match essence.as_str() {
         "multipart/form-data" => multipart_images(Multipart::from_request(request, &()).await?, max).await,
         "image/png" | "image/jpeg" => {
-            decode_raw(Bytes::from_request(request, &()).await?)
+            check_images(vec![Bytes::from_request(request, &()).await?.to_vec()], max)
         }
         t if t == "application/json" || t.ends_with("+json") => {
             let Json(body) = Json::<DecomposeRequest>::from_request(request, &()).await?;
@@ -120,13 +130,6 @@ pub async fn read_images(request: Request, max: usize) -> Result<Vec<Vec<u8>>, A
             "unsupported_media_type",
             format!("content type `{content_type}` is not accepted: send application/json, multipart/form-data, image/png or image/jpeg"),
         )),
-    }
-}
-
-fn decode_raw(bytes: Bytes) -> Result<Vec<Vec<u8>>, ApiError> {
-    match bytes.is_empty() {
-        true => Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_image", "the image is empty")),
-        false => Ok(vec![bytes.to_vec()]),
     }
 }
 
@@ -149,11 +152,5 @@ pub async fn prepare_images(
             })
             .collect::<Result<Vec<_>, ApiError>>()
     };
-    tokio::task::spawn_blocking(work).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("image decoding failed: {e}"),
-        )
-    })?
+    on_blocking_thread("image decoding", work).await?
 }

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
-use super::AppState;
+use super::state::AppState;
 
 /// Header carrying the API key, as an alternative to `Authorization: Bearer`.
 const API_KEY_HEADER: &str = "x-api-key";
@@ -29,6 +29,20 @@ fn same_key(presented: &str, expected: &str) -> bool {
     Sha256::digest(presented.as_bytes()) == Sha256::digest(expected.as_bytes())
 }
 
+/// Checks the key a request presents (`Authorization: Bearer` or `x-api-key`) against the
+/// configured one; 401 when it is missing or wrong. HTTP and gRPC requests alike.
+pub fn check_api_key(headers: &HeaderMap, expected: &str) -> Result<(), ApiError> {
+    match presented_key(headers) {
+        Some(key) if same_key(key, expected) => Ok(()),
+        Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong API key")),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "an API key is required: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
+        )),
+    }
+}
+
 /// Refuses requests without the configured API key (401 JSON); open when none is set.
 pub async fn require_api_key(
     State(state): State<AppState>,
@@ -38,17 +52,9 @@ pub async fn require_api_key(
     let Some(expected) = state.settings.api_key.as_deref() else {
         return next.run(request).await;
     };
-    match presented_key(request.headers()) {
-        Some(key) if same_key(key, expected) => next.run(request).await,
-        Some(_) => {
-            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong API key").into_response()
-        }
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "an API key is required: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
-        )
-        .into_response(),
+    match check_api_key(request.headers(), expected) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => refusal.into_response(),
     }
 }
 

@@ -1,25 +1,30 @@
 //! The HTTP API (axum): `/decompose`, `/render`, `/edit`, `/scene`, `/health`, `/info`,
-//! `/metrics` and `/openapi.json`, in front of the [engine](crate::engine), and the
-//! playground page at `/` that uses them.
+//! `/metrics` and `/openapi.json`, in front of the [engine](crate::engine), the playground
+//! page at `/` that uses them, and the [gRPC API](crate::grpc) beside it on its own port,
+//! sharing the engine, the limits and the validation.
 //!
 //! Handlers are thin: they parse and validate everything (images, slot sets, edits, sampling
 //! options, limits) before queueing work, map every failure to a JSON error, and leave the
-//! tensors to the model thread. [`serve`] runs the server until SIGTERM or Ctrl-C, then
-//! stops accepting, reports 503 on `/health`, finishes the work in flight and returns.
+//! tensors to the model thread. [`serve`] runs both servers until SIGTERM or Ctrl-C, then
+//! they stop accepting, report not ready, finish the work in flight and return.
 
+mod blocking;
+pub(crate) mod decomposition;
+pub(crate) mod editing;
 mod error;
-mod inputs;
-mod middleware;
+pub(crate) mod inputs;
+pub(crate) mod middleware;
 mod openapi;
 mod playground;
+pub(crate) mod rendering;
 mod respond;
 mod routes;
 mod sampling;
+pub(crate) mod state;
 pub mod types;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -28,20 +33,19 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 pub use error::{ApiError, ErrorResponse};
 pub use openapi::{openapi, openapi_yaml};
-pub use sampling::Sampling;
+pub use sampling::{Sampling, SamplingOptions};
 
 use crate::config::Preset;
 use crate::device::{DTypeChoice, DeviceChoice};
 use crate::engine::{Engine, EngineConfig, Metrics, Model};
-use crate::imageio::ImageLimits;
 use crate::model::pipeline::SlotDiffusion;
-use crate::slots::SlotSpec;
+use state::AppState;
 use types::Limits;
 
 /// Default `--max-batch-size`: batches of 4 pay off on a CPU without hurting latency much.
@@ -62,6 +66,8 @@ pub const DEFAULT_PAYLOAD_LIMIT: usize = 32 << 20;
 pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 4096 * 4096;
 /// Default `--max-image-side`.
 pub const DEFAULT_MAX_IMAGE_SIDE: u32 = 8192;
+/// Default `--grpc-port`.
+pub const DEFAULT_GRPC_PORT: u16 = 50051;
 /// Default `--request-timeout`, in seconds.
 pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 600;
 
@@ -88,9 +94,12 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "SLOTSERVE_HOST", default_value = "0.0.0.0")]
     pub host: String,
-    /// Port to listen on.
+    /// Port to listen on (HTTP).
     #[arg(long, env = "SLOTSERVE_PORT", default_value_t = 3000)]
     pub port: u16,
+    /// Port of the gRPC API (`proto/slotserve.proto`) on the same address; 0 turns it off.
+    #[arg(long, env = "SLOTSERVE_GRPC_PORT", default_value_t = DEFAULT_GRPC_PORT)]
+    pub grpc_port: u16,
     /// The model: a folder with `config.json` + `model.safetensors`, or a checkpoint file
     /// (official `.pth` or safetensors) with `--preset`.
     #[arg(long, env = "SLOTSERVE_MODEL", default_value = "weights")]
@@ -134,8 +143,9 @@ pub struct ServeArgs {
     /// Longest a request may take, in seconds (504 beyond).
     #[arg(long, env = "SLOTSERVE_REQUEST_TIMEOUT", default_value_t = DEFAULT_REQUEST_TIMEOUT_SECS)]
     pub request_timeout: u64,
-    /// API key required (as `Authorization: Bearer` or `x-api-key`) on every endpoint but
-    /// `/health`, `/metrics` and the playground's files (`/`, `/playground/*`).
+    /// API key required (as `Authorization: Bearer` or `x-api-key`, in HTTP headers or gRPC
+    /// metadata) on every endpoint but `/health`, `/metrics`, the playground's files (`/`,
+    /// `/playground/*`) and the gRPC health service.
     #[arg(long, env = "SLOTSERVE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Warm the model up before `/health` reports ready.
@@ -165,18 +175,43 @@ impl ServeArgs {
     }
 }
 
+/// Listens on `host:port` for the server named `what`.
+async fn listen(host: &str, port: u16, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("cannot listen for {what} on {host}:{port}"))
+}
+
 /// Serves the model named by `args` until SIGTERM or Ctrl-C; see [`run`].
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let listener = TcpListener::bind((args.host.as_str(), args.port))
-        .await
-        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let http = listen(&args.host, args.port, "HTTP").await?;
+    let grpc = match args.grpc_port {
+        0 => None,
+        port => Some(listen(&args.host, port, "gRPC").await?),
+    };
     let settings = args.settings();
     let loader = move || {
         let device = args.device.open()?;
         tracing::info!(model = %args.model.display(), "loading the model");
         SlotDiffusion::load(&args.model, args.preset, &device, args.dtype.dtype())
     };
-    run(listener, settings, loader, shutdown_signal()).await
+    run(Listeners { http, grpc }, settings, loader, shutdown_signal()).await
+}
+
+/// Where [`run`] serves: HTTP always, gRPC when a listener is given. A bare
+/// [`TcpListener`] means HTTP only.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The HTTP API's listener.
+    pub http: TcpListener,
+    /// The gRPC API's listener; `None`: no gRPC.
+    pub grpc: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(http: TcpListener) -> Self {
+        Self { http, grpc: None }
+    }
 }
 
 /// Everything the server needs besides the model.
@@ -189,52 +224,6 @@ pub struct Settings {
     pub api_key: Option<String>,
     /// Warm the model up before reporting ready.
     pub warmup: bool,
-}
-
-/// State shared by the handlers.
-#[derive(Clone)]
-struct AppState {
-    engine: Engine,
-    settings: Arc<Settings>,
-    permits: Arc<Semaphore>,
-}
-
-impl AppState {
-    fn limits(&self) -> &Limits {
-        &self.settings.limits
-    }
-
-    fn timeout(&self) -> Duration {
-        Duration::from_secs(self.limits().request_timeout_secs)
-    }
-
-    fn image_limits(&self) -> ImageLimits {
-        ImageLimits {
-            max_side: self.limits().max_image_side,
-            max_pixels: self.limits().max_image_pixels,
-            ..ImageLimits::default()
-        }
-    }
-
-    fn slot_spec(&self) -> Result<SlotSpec, ApiError> {
-        let info =
-            self.engine.info().ok_or_else(|| ApiError::unavailable("the model is loading"))?;
-        Ok(SlotSpec {
-            slot_size: info.slot_size,
-            max_slots: self.limits().max_slots,
-            fingerprint: info.fingerprint.clone(),
-        })
-    }
-
-    /// A slot among the requests handled at once; 429 when all are taken.
-    fn permit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
-        self.permits.clone().try_acquire_owned().map_err(|_| {
-            ApiError::overloaded(format!(
-                "the server is busy: {} requests are in flight; retry later",
-                self.limits().max_concurrent
-            ))
-        })
-    }
 }
 
 /// The application: protected model and info routes, open health, metrics and playground
@@ -271,12 +260,12 @@ fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves on `listener` with a model made by `loader` (on the model thread) until
-/// `shutdown` completes or the model fails to load. On shutdown it stops accepting
-/// connections, answers 503 on `/health`, finishes the requests in flight, and waits for the
-/// model thread to end.
+/// Serves HTTP (and gRPC, when `listeners` has it) with a model made by `loader` (on the
+/// model thread) until `shutdown` completes or the model fails to load. On shutdown both
+/// servers stop accepting connections and report not ready (503 on `/health`, NOT_SERVING on
+/// gRPC health), finish the requests in flight, and `run` waits for the model thread to end.
 pub async fn run<M, F>(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     settings: Settings,
     loader: F,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -285,6 +274,7 @@ where
     M: Model + 'static,
     F: FnOnce() -> anyhow::Result<M> + Send + 'static,
 {
+    let listeners = listeners.into();
     let limits = &settings.limits;
     let config = EngineConfig {
         max_batch_size: limits.max_batch_size,
@@ -293,8 +283,7 @@ where
     };
     let metrics = Metrics::new();
     let (engine, thread) = Engine::start(loader, config, metrics.clone());
-    let permits = Arc::new(Semaphore::new(limits.max_concurrent.max(1)));
-    let state = AppState { engine: engine.clone(), settings: Arc::new(settings), permits };
+    let state = AppState::new(engine.clone(), settings);
     let upkeep = tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(5));
         loop {
@@ -303,8 +292,9 @@ where
         }
     });
     let (failure_tx, failure_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = watch::channel(false);
     let stopping = engine.clone();
-    let stop = async move {
+    let stop = tokio::spawn(async move {
         let load_failure = async {
             match stopping.wait_ready().await {
                 Ok(()) => std::future::pending().await,
@@ -316,14 +306,31 @@ where
             reason = load_failure => drop(failure_tx.send(reason)),
         }
         stopping.drain();
+        stop_tx.send_replace(true);
+    });
+    let stopped = move || {
+        let mut stop_rx = stop_rx.clone();
+        async move { drop(stop_rx.wait_for(|&stopped| stopped).await) }
     };
-    tracing::info!(address = %listener.local_addr()?, "listening");
-    axum::serve(listener, router(state)).with_graceful_shutdown(stop).await?;
+    tracing::info!(address = %listeners.http.local_addr()?, "HTTP listening");
+    let http = async {
+        axum::serve(listeners.http, router(state.clone())).with_graceful_shutdown(stopped()).await
+    };
+    let grpc = async {
+        match listeners.grpc {
+            Some(listener) => crate::grpc::serve(listener, state.clone(), stopped()).await,
+            None => Ok(()),
+        }
+    };
+    let served = tokio::try_join!(async { http.await.map_err(anyhow::Error::from) }, grpc);
+    stop.abort();
+    drop(stop.await);
     upkeep.abort();
-    drop(engine);
+    drop((state, engine));
     tokio::task::spawn_blocking(move || thread.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the model thread panicked"))?;
+    served?;
     match failure_rx.await {
         Ok(reason) => Err(anyhow::anyhow!("the model failed to load: {reason}")),
         Err(_) => Ok(()),

@@ -1,5 +1,5 @@
-//! Building responses from the engine's plain results: PNG encoding, per-slot areas and
-//! boxes, and the three forms of a render answer (JSON, raw PNG, server-sent events).
+//! HTTP answers built from the shared results: base64 PNGs in JSON, and the three forms of a
+//! render answer (JSON, raw PNG, server-sent events).
 
 use std::convert::Infallible;
 
@@ -10,24 +10,21 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use image::RgbImage;
 use serde::Serialize;
-use tokio::sync::mpsc::UnboundedReceiver;
-use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::Instant;
 
+use super::decomposition::{describe_all, DecomposedParts};
+use super::editing::Edited;
 use super::error::ApiError;
+use super::rendering::{RenderUpdate, Rendering};
 use super::types::{
     DecomposeResponse, DecomposedImage, EditResponse, EditedImage, ImageEvent, ProgressEvent,
     RenderResponse, RenderedImage, SlotObject,
 };
 use super::Sampling;
-use crate::edit::EditedSet;
-use crate::engine::{collect_images, Decomposed, RenderEvent};
-use crate::imageio::{encode_mask_png, encode_png, encode_segmentation_png};
-use crate::slots::SlotSet;
-use crate::summary::summarize;
+use crate::engine::Decomposed;
+use crate::imageio::encode_png;
 
 /// Whether the client's `Accept` header lists `mime`.
 pub fn accepts(headers: &HeaderMap, mime: &str) -> bool {
@@ -39,170 +36,86 @@ pub fn accepts(headers: &HeaderMap, mime: &str) -> bool {
         .any(|item| item.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case(mime)))
 }
 
-/// Base64 of an image's PNG encoding.
-pub fn png_base64(image: &RgbImage) -> String {
-    STANDARD.encode(encode_png(image))
-}
-
-/// A rendered image as the API reports it.
+/// A rendered image as the API reports it: base64 PNG, seed, slot count.
 pub fn rendered(image: &RgbImage, seed: u64, num_slots: usize) -> RenderedImage {
-    RenderedImage { png: png_base64(image), seed, num_slots }
+    RenderedImage { png: STANDARD.encode(encode_png(image)), seed, num_slots }
 }
 
-/// The API form of one decomposed image.
-fn describe(d: &Decomposed, with_pngs: bool) -> DecomposedImage {
-    let (w, h) = (d.width, d.height);
-    let k = d.slots.num_slots();
-    let plane = w * h;
-    let mask_png = |slot: usize| {
-        STANDARD.encode(encode_mask_png(
-            &d.masks[slot * plane..(slot + 1) * plane],
-            w as u32,
-            h as u32,
-        ))
-    };
-    let objects = summarize(&d.segmentation, w, k)
+/// The JSON form of one decomposed image.
+fn json_form(parts: DecomposedParts) -> DecomposedImage {
+    let objects = parts
+        .objects
         .into_iter()
-        .map(|summary| SlotObject { mask: with_pngs.then(|| mask_png(summary.slot)), summary })
+        .map(|o| SlotObject { summary: o.summary, mask: o.mask.map(|png| STANDARD.encode(png)) })
         .collect();
-    let segmentation = with_pngs.then(|| {
-        let labels: Vec<u8> = d.segmentation.iter().map(|&l| l.min(255) as u8).collect();
-        STANDARD.encode(encode_segmentation_png(&labels, w as u32, h as u32, k))
-    });
-    DecomposedImage { slots: d.slots.to_json(), width: w, height: h, objects, segmentation }
+    DecomposedImage {
+        slots: parts.slots.to_json(),
+        width: parts.width,
+        height: parts.height,
+        objects,
+        segmentation: parts.segmentation.map(|png| STANDARD.encode(png)),
+    }
 }
 
-/// The `/decompose` answer, built on a blocking thread (PNG encoding is CPU work).
+/// The `/decompose` answer.
 pub async fn decomposition(
     outs: Vec<Decomposed>,
     with_pngs: bool,
 ) -> Result<DecomposeResponse, ApiError> {
-    tokio::task::spawn_blocking(move || DecomposeResponse {
-        images: outs.iter().map(|d| describe(d, with_pngs)).collect(),
-    })
-    .await
-    .map_err(|e| {
-        ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-    })
+    Ok(DecomposeResponse { images: describe_all(outs, with_pngs, json_form).await? })
 }
 
-/// The `/edit` answer: each planned output with its slot set and image.
-pub fn edited(
-    plan: Vec<EditedSet>,
-    sets: Vec<SlotSet>,
-    images: &[RgbImage],
-    sampling: &Sampling,
-) -> EditResponse {
-    let outputs = plan
+/// The `/edit` answer.
+pub fn edited(edited: Edited) -> EditResponse {
+    let outputs = edited
+        .outputs
         .into_iter()
-        .zip(sets)
-        .zip(images)
-        .enumerate()
-        .map(|(i, ((out, set), image))| EditedImage {
+        .map(|out| EditedImage {
             origin: out.origin,
-            sources: out.slots,
-            image: rendered(image, sampling.seed_of(i), set.num_slots()),
-            slots: set.to_json(),
+            sources: out.sources,
+            image: rendered(&out.image, out.seed, out.slots.num_slots()),
+            slots: out.slots.to_json(),
         })
         .collect();
-    EditResponse {
-        outputs,
-        seed: sampling.seed,
-        sampler: sampling.sampler.to_string(),
-        steps: sampling.steps,
+    let s = &edited.sampling;
+    EditResponse { outputs, seed: s.seed, sampler: s.sampler.to_string(), steps: s.steps }
+}
+
+/// Answers a render in the form the client's `Accept` header asks for: a stream of events,
+/// one raw PNG, or JSON.
+pub async fn render_answer(
+    mut rendering: Rendering,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    if accepts(headers, "text/event-stream") {
+        return Ok(event_stream(rendering).into_response());
     }
-}
-
-/// Waits for all images of a render until `deadline`.
-pub async fn wait_for_images(
-    events: &mut UnboundedReceiver<RenderEvent>,
-    count: usize,
-    deadline: Instant,
-) -> Result<Vec<RgbImage>, ApiError> {
-    match tokio::time::timeout_at(deadline, collect_images(events, count)).await {
-        Ok(result) => result.map_err(ApiError::from),
-        Err(_) => Err(timeout()),
+    let outputs = rendering.outputs().await?;
+    let s = &rendering.sampling;
+    if accepts(headers, "image/png") && outputs.len() == 1 {
+        return Ok(raw_png(&outputs[0].image, s));
     }
+    let images = outputs.iter().map(|o| rendered(&o.image, o.seed, o.num_slots)).collect();
+    let response =
+        RenderResponse { images, seed: s.seed, sampler: s.sampler.to_string(), steps: s.steps };
+    Ok(Json(response).into_response())
 }
 
-/// 504: the request ran past the server's time limit.
-pub fn timeout() -> ApiError {
-    ApiError::new(
-        axum::http::StatusCode::GATEWAY_TIMEOUT,
-        "timeout",
-        "the request took longer than the server's limit",
-    )
-}
-
-/// What a render request is answered with, as the client's `Accept` header asks: a stream
-/// of events, one raw PNG, or JSON.
-pub struct RenderReply {
-    /// The job's events.
-    pub events: UnboundedReceiver<RenderEvent>,
-    /// Seeds and sampler of the request.
-    pub sampling: Sampling,
-    /// Slots of each image.
-    pub num_slots: Vec<usize>,
-    /// When the request must be done.
-    pub deadline: Instant,
-    /// The request's concurrency permit, held until the answer is complete.
-    pub _permit: OwnedSemaphorePermit,
-}
-
-impl RenderReply {
-    /// Answers in the form the client accepts.
-    pub async fn respond(mut self, headers: &HeaderMap) -> Result<Response, ApiError> {
-        if accepts(headers, "text/event-stream") {
-            return Ok(self.stream().into_response());
-        }
-        let images = wait_for_images(&mut self.events, self.num_slots.len(), self.deadline).await?;
-        let s = &self.sampling;
-        if accepts(headers, "image/png") && images.len() == 1 {
-            return Ok(raw_png(&images[0], s));
-        }
-        let images = images
-            .iter()
-            .zip(&self.num_slots)
-            .enumerate()
-            .map(|(i, (img, &k))| rendered(img, s.seed_of(i), k))
-            .collect();
-        let response =
-            RenderResponse { images, seed: s.seed, sampler: s.sampler.to_string(), steps: s.steps };
-        Ok(Json(response).into_response())
-    }
-
-    /// The server-sent events: `progress` after every model evaluation, `image` for each
-    /// finished image, `error` if the render fails or times out.
-    fn stream(self) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-        let state = (self, false);
-        let stream = futures::stream::unfold(state, |(mut reply, finished)| async move {
-            if finished {
-                return None;
+/// The server-sent events: `progress` after every model evaluation, `image` for each
+/// finished image, `error` if the render fails or times out.
+fn event_stream(rendering: Rendering) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let events = rendering.updates().map(|update| {
+        Ok(match update {
+            Ok(RenderUpdate::Progress { index, step, of }) => {
+                sse("progress", &ProgressEvent { index, step, of })
             }
-            let (event, last) =
-                match tokio::time::timeout_at(reply.deadline, reply.events.recv()).await {
-                    Ok(Some(event)) => reply.event(event),
-                    Ok(None) => return None,
-                    Err(_) => (error_event(&timeout()), true),
-                };
-            Some((Ok(event), (reply, last)))
-        });
-        Sse::new(stream).keep_alive(KeepAlive::default())
-    }
-
-    /// One engine event as an SSE event, and whether it ends the stream.
-    fn event(&self, event: RenderEvent) -> (Event, bool) {
-        match event {
-            RenderEvent::Progress { index, step, of } => {
-                (sse("progress", &ProgressEvent { index, step, of }), false)
+            Ok(RenderUpdate::Image { index, output: o }) => {
+                sse("image", &ImageEvent { index, image: rendered(&o.image, o.seed, o.num_slots) })
             }
-            RenderEvent::Image { index, image } => {
-                let image = rendered(&image, self.sampling.seed_of(index), self.num_slots[index]);
-                (sse("image", &ImageEvent { index, image }), false)
-            }
-            RenderEvent::Failed { error, .. } => (error_event(&ApiError::from(error)), true),
-        }
-    }
+            Err(error) => sse("error", &error.body()),
+        })
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
 }
 
 /// An image as a raw PNG body, with the seed that made it in `x-seed`.
@@ -228,8 +141,4 @@ fn sse(name: &'static str, payload: &impl Serialize) -> Event {
         .event(name)
         .json_data(payload)
         .unwrap_or_else(|e| Event::default().event("error").data(e.to_string()))
-}
-
-fn error_event(error: &ApiError) -> Event {
-    sse("error", &error.body())
 }

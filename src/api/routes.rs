@@ -7,23 +7,21 @@ use axum::http::header::{HeaderMap, CONTENT_TYPE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use tokio::time::Instant;
 
+use super::editing::EditInputs;
 use super::error::{ApiError, ErrorResponse};
-use super::inputs::{check_count, decode_base64_images, prepare_images, read_images};
+use super::inputs::{decode_base64_images, read_images};
 use super::openapi::openapi;
-use super::respond::{self, wait_for_images, RenderReply};
-use super::sampling::Sampling;
+use super::rendering::RenderInput;
+use super::respond;
+use super::sampling::SamplingOptions;
+use super::state::{unavailable, AppState};
 use super::types::{
     DecomposeForm, DecomposeQuery, DecomposeRequest, DecomposeResponse, EditRequest, EditResponse,
     HealthResponse, InfoResponse, RenderRequest, RenderResponse, SceneQuery,
 };
-use super::AppState;
 use crate::data::{Scene, SceneConfig};
-use crate::edit::{self, EditedSet};
-use crate::engine::{Decomposed, ModelInfo, Status};
-use crate::model::sampler::SamplerKind;
-use crate::slots::{SlotSet, SlotSetJson};
+use crate::engine::Status;
 
 /// Decompose images into slots, soft masks, areas, boxes and a segmentation.
 #[utoipa::path(
@@ -52,11 +50,9 @@ pub async fn decompose(
     request: Request,
 ) -> Result<Json<DecomposeResponse>, ApiError> {
     let Query(query) = query?;
-    let deadline = state.deadline();
-    let info = state.model()?;
+    state.model()?; // 503 before reading a body the model cannot take
     let bytes = read_images(request, state.limits().max_images).await?;
-    let _permit = state.permit()?;
-    let outs = state.decompose(bytes, info, deadline).await?;
+    let outs = state.decompose_request(bytes).await?;
     Ok(Json(respond::decomposition(outs, query.masks.unwrap_or(true)).await?))
 }
 
@@ -89,69 +85,12 @@ pub async fn render(
     body: Result<Json<RenderRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body?;
-    let deadline = state.deadline();
-    let info = state.model()?;
     let sets = req.slots.into_vec();
-    check_count(sets.len(), state.limits().max_images, "slot sets")?;
-    let sets = state
-        .decode_sets(&sets)?
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            edit::select(s, req.keep.as_deref(), req.drop.as_deref())
-                .map_err(|e| ApiError::from(e).at(format!("slot set {i}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let sampling = state.sampling(req.seed, req.sampler.as_deref(), req.steps, info)?;
-    let permit = state.permit()?;
-    let num_slots = sets.iter().map(SlotSet::num_slots).collect();
-    let events = state.engine.render(sampling.specs(sets))?;
-    RenderReply { events, sampling, num_slots, deadline, _permit: permit }.respond(&headers).await
-}
-
-/// The inputs of an edit: images to decompose, or slot sets.
-enum EditInputs {
-    Images(Vec<Vec<u8>>),
-    Slots(Vec<SlotSet>),
-}
-
-impl EditInputs {
-    /// The request's `images` or `slots`, checked.
-    fn parse(state: &AppState, req: &EditRequest) -> Result<Self, ApiError> {
-        let max = state.limits().max_images;
-        match (&req.images, &req.slots) {
-            (Some(images), None) => Ok(Self::Images(decode_base64_images(images, max)?)),
-            (None, Some(sets)) => {
-                check_count(sets.len(), max, "slot sets")?;
-                Ok(Self::Slots(state.decode_sets(sets)?))
-            }
-            _ => Err(ApiError::bad_request("give either `images` or `slots`")),
-        }
-    }
-
-    /// Slots of each input (a decomposed image has the model's K).
-    fn slot_counts(&self, info: &ModelInfo) -> Vec<usize> {
-        match self {
-            Self::Images(images) => vec![info.num_slots; images.len()],
-            Self::Slots(sets) => sets.iter().map(SlotSet::num_slots).collect(),
-        }
-    }
-
-    /// The inputs as slot sets, decomposing images.
-    async fn into_slot_sets(
-        self,
-        state: &AppState,
-        info: &ModelInfo,
-        deadline: Instant,
-    ) -> Result<Vec<SlotSet>, ApiError> {
-        match self {
-            Self::Slots(sets) => Ok(sets),
-            Self::Images(bytes) => {
-                let outs = state.decompose(bytes, info, deadline).await?;
-                Ok(outs.into_iter().map(|d| d.slots).collect())
-            }
-        }
-    }
+    let input = RenderInput { sets: &sets, keep: req.keep.as_deref(), drop: req.drop.as_deref() };
+    let options =
+        SamplingOptions { seed: req.seed, sampler: req.sampler.as_deref(), steps: req.steps };
+    let rendering = state.start_render(input, options)?;
+    respond::render_answer(rendering, &headers).await
 }
 
 /// Edit images (or slot sets) by slot operations and render the results, in one call.
@@ -178,18 +117,17 @@ pub async fn edit(
     body: Result<Json<EditRequest>, JsonRejection>,
 ) -> Result<Json<EditResponse>, ApiError> {
     let Json(req) = body?;
-    let deadline = state.deadline();
-    let info = state.model()?;
-    let inputs = EditInputs::parse(&state, &req)?;
-    let plan = edit::plan(&inputs.slot_counts(info), &req.operations)?;
-    state.check_outputs(&plan)?;
-    let sampling = state.sampling(req.seed, req.sampler.as_deref(), req.steps, info)?;
-    let _permit = state.permit()?;
-    let inputs = inputs.into_slot_sets(&state, info, deadline).await?;
-    let sets = plan.iter().map(|out| edit::gather(&inputs, out)).collect::<Result<Vec<_>, _>>()?;
-    let mut events = state.engine.render(sampling.specs(sets.clone()))?;
-    let images = wait_for_images(&mut events, sets.len(), deadline).await?;
-    Ok(Json(respond::edited(plan, sets, &images, &sampling)))
+    let inputs = match (req.images, &req.slots) {
+        (Some(images), None) => {
+            EditInputs::Images(decode_base64_images(&images, state.limits().max_images)?)
+        }
+        (None, Some(sets)) => EditInputs::Slots(state.slot_sets(sets)?),
+        _ => return Err(ApiError::bad_request("give either `images` or `slots`")),
+    };
+    let options =
+        SamplingOptions { seed: req.seed, sampler: req.sampler.as_deref(), steps: req.steps };
+    let edited = state.edit(inputs, &req.operations, options).await?;
+    Ok(Json(respond::edited(edited)))
 }
 
 /// A procedural scene (the default model's training data) as PNG: something to try the
@@ -227,15 +165,6 @@ pub async fn health(State(state): State<AppState>) -> Result<Json<HealthResponse
     }
 }
 
-/// 503 for a model that takes no new requests.
-fn unavailable(status: Status) -> ApiError {
-    ApiError::unavailable(match status {
-        Status::Ready | Status::Loading => "the model is loading".to_string(),
-        Status::Failed(reason) => format!("the model failed to load: {reason}"),
-        Status::Draining | Status::Stopped => "the server is shutting down".to_string(),
-    })
-}
-
 /// The served model, samplers, limits and version.
 #[utoipa::path(
     get, path = "/info", tag = "service",
@@ -247,12 +176,7 @@ fn unavailable(status: Status) -> ApiError {
     security((), ("bearer" = []), ("api_key" = [])),
 )]
 pub async fn info(State(state): State<AppState>) -> Result<Json<InfoResponse>, ApiError> {
-    Ok(Json(InfoResponse {
-        model: state.model()?.clone(),
-        samplers: SamplerKind::ALL.iter().map(|k| k.name().to_string()).collect(),
-        limits: state.limits().clone(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-    }))
+    Ok(Json(state.info()?))
 }
 
 /// Prometheus metrics in the text exposition format.
@@ -297,77 +221,4 @@ pub async fn method_not_allowed(request: Request) -> ApiError {
         "method_not_allowed",
         format!("{} is not allowed on {}", request.method(), request.uri().path()),
     )
-}
-
-impl AppState {
-    /// The model's facts, when it takes new requests; 503 otherwise.
-    fn model(&self) -> Result<&ModelInfo, ApiError> {
-        match self.engine.status() {
-            Status::Ready => {
-                self.engine.info().ok_or_else(|| ApiError::unavailable("the model is loading"))
-            }
-            status => Err(unavailable(status)),
-        }
-    }
-
-    /// When a request arriving now must be answered.
-    fn deadline(&self) -> Instant {
-        Instant::now() + self.timeout()
-    }
-
-    /// Checks sampling options against the model and the limits.
-    fn sampling(
-        &self,
-        seed: Option<u64>,
-        sampler: Option<&str>,
-        steps: Option<usize>,
-        info: &ModelInfo,
-    ) -> Result<Sampling, ApiError> {
-        Sampling::resolve(seed, sampler, steps, info, self.limits().max_steps)
-    }
-
-    /// Decodes images, brings them to the model's input and decomposes them by `deadline`.
-    async fn decompose(
-        &self,
-        images: Vec<Vec<u8>>,
-        info: &ModelInfo,
-        deadline: Instant,
-    ) -> Result<Vec<Decomposed>, ApiError> {
-        let images =
-            prepare_images(images, self.image_limits(), info.preprocess, info.resolution).await?;
-        tokio::time::timeout_at(deadline, self.engine.decompose(images))
-            .await
-            .map_err(|_| respond::timeout())?
-            .map_err(ApiError::from)
-    }
-
-    /// Validates slot sets against the served model.
-    fn decode_sets(&self, sets: &[SlotSetJson]) -> Result<Vec<SlotSet>, ApiError> {
-        let spec = self.slot_spec()?;
-        sets.iter()
-            .enumerate()
-            .map(|(i, s)| {
-                s.decode(&spec).map_err(|e| ApiError::from(e).at(format!("slot set {i}")))
-            })
-            .collect()
-    }
-
-    /// Refuses edits with more outputs, or outputs with more slots, than the limits.
-    fn check_outputs(&self, plan: &[EditedSet]) -> Result<(), ApiError> {
-        let limits = self.limits();
-        check_count(plan.len(), limits.max_images, "edited images")?;
-        match plan.iter().find(|o| o.slots.len() > limits.max_slots) {
-            Some(o) => Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_edit",
-                format!(
-                    "{:?} would have {} slots; at most {} are allowed",
-                    o.origin,
-                    o.slots.len(),
-                    limits.max_slots
-                ),
-            )),
-            None => Ok(()),
-        }
-    }
 }

@@ -7,6 +7,17 @@ use crate::slots::SlotSet;
 
 use super::error::ApiError;
 
+/// A request's sampling options as sent, before checking.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SamplingOptions<'a> {
+    /// Seed of the first image; random when absent.
+    pub seed: Option<u64>,
+    /// Sampler name; the model's default when absent.
+    pub sampler: Option<&'a str>,
+    /// Model evaluations per image; the model's default when absent.
+    pub steps: Option<usize>,
+}
+
 /// Checked sampling options of one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sampling {
@@ -22,12 +33,11 @@ impl Sampling {
     /// Checks the requested options and fills in the defaults: the model's sampler and step
     /// count, a random seed. DDPM always runs all T steps.
     pub fn resolve(
-        seed: Option<u64>,
-        sampler: Option<&str>,
-        steps: Option<usize>,
+        options: SamplingOptions<'_>,
         info: &ModelInfo,
         max_steps: usize,
     ) -> Result<Self, ApiError> {
+        let SamplingOptions { seed, sampler, steps } = options;
         let sampler = match sampler {
             Some(name) => name.parse::<SamplerKind>().map_err(ApiError::invalid_parameters)?,
             None => info.default_sampler.parse::<SamplerKind>().unwrap_or(SamplerKind::DpmSolverPP),

@@ -200,6 +200,12 @@ impl Engine {
         self.shared.status.borrow().clone()
     }
 
+    /// A receiver that sees every change of [`Self::status`] (for health reporting); it does
+    /// not keep the model thread alive.
+    pub fn watch_status(&self) -> watch::Receiver<Status> {
+        self.shared.status.subscribe()
+    }
+
     /// Waits until the model is ready (`Ok`) or will never be (`Err` with the reason).
     pub async fn wait_ready(&self) -> Result<(), String> {
         let mut rx = self.shared.status.subscribe();

@@ -266,7 +266,10 @@ pub fn masked_psnr<T: Copy + Into<f64>>(
     region: &[bool],
     data_range: f64,
 ) -> Option<f64> {
-    assert!(!region.is_empty() && a.len() % region.len() == 0, "region does not match the image");
+    assert!(
+        !region.is_empty() && a.len().is_multiple_of(region.len()),
+        "region does not match the image"
+    );
     let channels = a.len() / region.len();
     let (sum, n) = squared_error(a, b, |pixel| region[pixel], channels);
     (n > 0).then(|| psnr_from_mse(sum / n as f64, data_range))

@@ -166,7 +166,7 @@ impl SlotAttention {
         let (b, k, d) = slots.dims3()?;
         let q = self.project_q.forward(&self.q_norm.forward(slots)?)?;
         let logits = (keys.matmul(&q.transpose(1, 2)?)? * (d as f64).powf(-0.5))?;
-        let attn = candle_nn::ops::softmax_last_dim(&logits)?;
+        let attn = crate::ops::softmax_last_dim(&logits)?;
         let weights = (&attn + ATTN_EPS)?;
         let weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
         let updates = weights.transpose(1, 2)?.matmul(values)?; // [B, K, D]

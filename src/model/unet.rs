@@ -135,9 +135,9 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
 pub(crate) fn softmax_wide(x: &Tensor) -> Result<Tensor> {
     match x.dtype() {
         DType::F16 | DType::BF16 => {
-            candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
+            crate::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
         }
-        _ => candle_nn::ops::softmax_last_dim(x),
+        _ => crate::ops::softmax_last_dim(x),
     }
 }
 

@@ -21,6 +21,7 @@ mod linear;
 mod norm_grad;
 pub mod patches;
 mod resample;
+mod softmax;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -29,6 +30,7 @@ pub use conv::{conv2d, conv2d_no_bias, Conv2d};
 pub use group_norm::{group_norm, GroupNorm};
 pub use linear::{linear, linear_no_bias, Linear};
 pub use resample::upsample_nearest2x;
+pub use softmax::softmax_last_dim;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 

@@ -1,5 +1,5 @@
-//! Shared helpers of the HTTP API tests: a real server on 127.0.0.1 with an ephemeral port,
-//! serving a tiny random SlotDiffusion model, and a reqwest client.
+//! Shared helpers of the HTTP and gRPC API tests: a real server on 127.0.0.1 with ephemeral
+//! ports, serving a tiny random SlotDiffusion model, and a reqwest client.
 #![allow(dead_code)]
 
 use std::time::Duration;
@@ -82,6 +82,8 @@ pub struct TestServer {
     pub base: String,
     /// A client for it.
     pub client: reqwest::Client,
+    /// `http://127.0.0.1:PORT` of the gRPC API, when the server has it.
+    pub grpc: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -94,18 +96,41 @@ impl TestServer {
         server
     }
 
+    /// Starts a server with the tiny model and the gRPC API beside HTTP, and waits until
+    /// `/health` says ready.
+    pub async fn start_with_grpc(settings: Settings) -> Self {
+        let server = Self::listen(settings, tiny_model, true).await;
+        server.wait_ready().await;
+        server
+    }
+
     /// Starts a server whose model `loader` makes, without waiting for it.
     pub async fn spawn<F>(settings: Settings, loader: F) -> Self
     where
         F: FnOnce() -> anyhow::Result<SlotDiffusion> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind an ephemeral port");
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        Self::listen(settings, loader, false).await
+    }
+
+    /// Starts a server (with gRPC when `grpc`) whose model `loader` makes, without waiting.
+    pub async fn listen<F>(settings: Settings, loader: F, grpc: bool) -> Self
+    where
+        F: FnOnce() -> anyhow::Result<SlotDiffusion> + Send + 'static,
+    {
+        let bind = || TcpListener::bind("127.0.0.1:0");
+        let http = bind().await.expect("bind an ephemeral port");
+        let base = format!("http://{}", http.local_addr().unwrap());
+        let grpc = match grpc {
+            true => Some(bind().await.expect("bind an ephemeral port")),
+            false => None,
+        };
+        let grpc_base = grpc.as_ref().map(|l| format!("http://{}", l.local_addr().unwrap()));
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(api::run(listener, settings, loader, async move {
+        let listeners = api::Listeners { http, grpc };
+        let task = tokio::spawn(api::run(listeners, settings, loader, async move {
             let _ = stopped.await;
         }));
-        Self { base, client: reqwest::Client::new(), stop: Some(stop), task }
+        Self { base, client: reqwest::Client::new(), grpc: grpc_base, stop: Some(stop), task }
     }
 
     /// Polls `/health` until it answers 200.

@@ -128,8 +128,8 @@ enum Columns<'a> {
 
 impl<'a> Columns<'a> {
     fn new(x: &'a [f32], g: &Geometry) -> Self {
-        let contiguous = g.kw == 1 && g.padding == 0 && g.pixels() % NR == 0;
-        if g.stride == 1 && (g.out_w % NR == 0 || contiguous) {
+        let contiguous = g.kw == 1 && g.padding == 0 && g.pixels().is_multiple_of(NR);
+        if g.stride == 1 && (g.out_w.is_multiple_of(NR) || contiguous) {
             return Columns::Rows(Padded::new(x, g, false));
         }
         let positions = g.stride == 1 && 8 * (g.kw - 1) <= g.out_w;

@@ -374,7 +374,7 @@ impl Trainer {
                 let l = vqvae_losses(&self.model, &codebook, images)?;
                 let (r, q) = (scalar(&l.recon)?, scalar(&l.quant)?);
                 let codes = l.used.len();
-                if (self.step + 1) % RESTART_EVERY == 0 {
+                if (self.step + 1).is_multiple_of(RESTART_EVERY) {
                     restart = Some(restarted_codebook(&codebook, &l, &mut rng)?);
                 }
                 ((l.recon + l.quant)?, r, q, codes)

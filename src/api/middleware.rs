@@ -65,6 +65,7 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
     let seconds = started.elapsed().as_secs_f64();
     let status = response.status().as_u16();
     state.engine.metrics().request(&endpoint, status, seconds);
-    tracing::info!(%method, path, status, latency_ms = seconds * 1e3, "request");
+    let latency_ms = (seconds * 1e6).round() / 1e3;
+    tracing::info!(%method, path, status, latency_ms, "request");
     response
 }

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod eval;
 pub mod grpc;
 pub mod imageio;
+pub mod logging;
 pub mod model;
 pub mod ops;
 pub mod slots;

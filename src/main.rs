@@ -11,6 +11,7 @@ use slotserve::commands::{self, RenderSpec, RenderStart, SlotSelection};
 use slotserve::config::{ModelConfig, Preset};
 use slotserve::data::{self, SceneConfig};
 use slotserve::device::{DTypeChoice, DeviceChoice};
+use slotserve::logging::{self, LogFormat};
 use slotserve::model::pipeline::SlotDiffusion;
 use slotserve::model::sampler::SamplerKind;
 use slotserve::train::{self, EvalArgs, TrainArgs};
@@ -19,6 +20,9 @@ use slotserve::train::{self, EvalArgs, TrainArgs};
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log lines as plain text or as JSON objects (on stderr).
+    #[arg(long, global = true, env = "SLOTSERVE_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,8 +36,8 @@ struct ModelArgs {
     /// The preset of a bare checkpoint (sizes are read from its shapes, the rest from here).
     #[arg(long, env = "SLOTSERVE_PRESET")]
     preset: Option<Preset>,
-    /// Compute device.
-    #[arg(long, env = "SLOTSERVE_DEVICE", value_enum, default_value_t)]
+    /// Compute device: `auto`, `cpu`, `cuda` (GPU 0), `cuda:N`, `metal` or `metal:N`.
+    #[arg(long, env = "SLOTSERVE_DEVICE", default_value_t)]
     device: DeviceChoice,
     /// Weight and activation dtype.
     #[arg(long, env = "SLOTSERVE_DTYPE", value_enum, default_value_t)]
@@ -63,14 +67,8 @@ impl std::str::FromStr for Indices {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Time the official presets at full size (random weights) on this machine.
-    Bench {
-        #[command(flatten)]
-        args: BenchArgs,
-        /// Compute device.
-        #[arg(long, env = "SLOTSERVE_DEVICE", value_enum, default_value_t)]
-        device: DeviceChoice,
-    },
+    /// Time the model at the official presets' sizes, or load-test a server (`--server URL`).
+    Bench(BenchArgs),
     /// Train the default model on procedural scenes (resumable; see weights/README.md).
     Train(TrainArgs),
     /// Evaluate a model on held-out procedural scenes with the paper's metrics.
@@ -162,19 +160,10 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    match Cli::parse().command {
-        Command::Bench { args, device } => {
-            let device = device.open()?;
-            for &preset in &args.presets {
-                let report = bench::bench_preset(preset, &args, &device)?;
-                println!("{}", serde_json::to_string(&report)?);
-            }
-        }
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match cli.command {
+        Command::Bench(args) => bench::run(&args)?,
         Command::Train(args) => train::train(&args)?,
         Command::Eval(args) => train::eval(&args)?,
         Command::Serve(args) => {

@@ -24,6 +24,7 @@ const MAX_STEPS: usize = 5000;
 #[derive(Default)]
 struct Log {
     denoise_batches: Vec<usize>,
+    decode_batches: Vec<usize>,
     decompose_batches: Vec<usize>,
 }
 
@@ -97,6 +98,7 @@ impl Model for Scripted {
     }
 
     fn finish_render(&self, jobs: &[&Job]) -> anyhow::Result<Vec<RgbImage>> {
+        self.log.lock().unwrap().decode_batches.push(jobs.len());
         Ok(jobs.iter().map(|j| RgbImage::from_pixel(2, 2, image::Rgb([j.seed as u8; 3]))).collect())
     }
 }
@@ -159,6 +161,25 @@ async fn new_jobs_join_a_running_batch() {
         "b's jobs ran 5 steps beside a: {batches:?}"
     );
     assert_eq!(batches.iter().sum::<usize>(), 40, "every step ran exactly once: {batches:?}");
+}
+
+#[tokio::test]
+async fn requests_that_waited_together_start_and_finish_together() {
+    let h = start(4, 8, 200).await;
+    let mut busy = h.engine.render(vec![spec(1, MAX_STEPS)]).unwrap();
+    first_progress(&mut busy).await;
+    // The model thread is now inside a 200 ms step: these three wait for it together.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut waiting: Vec<_> =
+        (2..5).map(|seed| h.engine.render(vec![spec(seed, 3)]).unwrap()).collect();
+    for events in &mut waiting {
+        collect_images(events, 1).await.unwrap();
+    }
+    drop(busy);
+    let log = h.log.lock().unwrap();
+    assert_eq!(log.decode_batches, [3], "decoded together");
+    let full = log.denoise_batches.iter().filter(|&&n| n == 4).count();
+    assert_eq!(full, 3, "three steps beside the busy job: {:?}", log.denoise_batches);
 }
 
 #[tokio::test]

@@ -1,4 +1,5 @@
-//! Request-wide layers: the optional API key and per-endpoint request metrics.
+//! Request-wide layers: the optional API key, and per-endpoint request metrics with one log
+//! line per request.
 
 use std::time::Instant;
 
@@ -58,16 +59,19 @@ pub async fn require_api_key(
     }
 }
 
-/// Counts every request and its latency by endpoint and status.
+/// Counts every request and its latency by endpoint and status, and logs it with its method,
+/// path, status and latency (for a streamed answer: until the headers were sent).
 pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let endpoint =
         request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
     let started = Instant::now();
     let response = next.run(request).await;
-    state.engine.metrics().request(
-        &endpoint,
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64(),
-    );
+    let seconds = started.elapsed().as_secs_f64();
+    let status = response.status().as_u16();
+    state.engine.metrics().request(&endpoint, status, seconds);
+    let latency_ms = (seconds * 1e6).round() / 1e3;
+    tracing::info!(%method, path, status, latency_ms, "request");
     response
 }

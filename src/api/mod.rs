@@ -34,8 +34,6 @@ use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
-use tracing::Level;
 
 pub use error::{ApiError, ErrorResponse};
 pub use openapi::{openapi, openapi_yaml};
@@ -107,8 +105,8 @@ pub struct ServeArgs {
     /// Preset of a bare checkpoint file (ignored for a model folder).
     #[arg(long, env = "SLOTSERVE_PRESET", value_enum)]
     pub preset: Option<Preset>,
-    /// Device to run on.
-    #[arg(long, env = "SLOTSERVE_DEVICE", value_enum, default_value_t)]
+    /// Device to run on: `auto`, `cpu`, `cuda` (GPU 0), `cuda:N`, `metal` or `metal:N`.
+    #[arg(long, env = "SLOTSERVE_DEVICE", default_value_t)]
     pub device: DeviceChoice,
     /// Floating-point type of weights and activations.
     #[arg(long, env = "SLOTSERVE_DTYPE", value_enum, default_value_t)]
@@ -227,7 +225,8 @@ pub struct Settings {
 }
 
 /// The application: protected model and info routes, open health, metrics and playground
-/// routes, JSON errors for unknown paths and methods, body limit, metrics and tracing layers.
+/// routes, JSON errors for unknown paths and methods, body limit, and the metrics and
+/// request-log layer.
 fn router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/decompose", post(routes::decompose))
@@ -252,11 +251,6 @@ fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits().payload_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::track))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
-                .on_response(DefaultOnResponse::new().level(Level::INFO)),
-        )
         .with_state(state)
 }
 

@@ -35,7 +35,7 @@ pub struct ModelInfo {
     pub default_sampler: String,
     /// Model evaluations per render when a request gives no `steps`.
     pub default_steps: usize,
-    /// Device the model runs on.
+    /// Device the model runs on, as `--device` names it: `cpu`, `cuda:1`, `metal:0`.
     pub device: String,
     /// Floating-point type of weights and activations.
     pub dtype: String,

@@ -40,7 +40,7 @@ impl Model for SlotDiffusion {
             timesteps: c.schedule.timesteps,
             default_sampler: c.sampler.kind.name().to_string(),
             default_steps: c.sampler.steps,
-            device: device_name(self.device()).to_string(),
+            device: device_name(self.device()),
             dtype: self.dtype().as_str().to_string(),
         }
     }

@@ -177,8 +177,10 @@ impl<M: Model> Worker<M> {
         }
     }
 
-    /// Takes waiting entries: decompose requests while the batch has room, render requests
-    /// while no admitted job waits to start. Returns this iteration's decompose batch.
+    /// Takes waiting entries: decompose requests while the batch has room; render requests
+    /// while their jobs fit in the batch beside the active and admitted ones (so requests that
+    /// waited together start, and finish, together), or one request when no admitted job
+    /// waits to start. Returns this iteration's decompose batch.
     fn admit(&mut self) -> Vec<DecomposeWork> {
         let mut batch: Vec<DecomposeWork> = Vec::new();
         let mut images = 0;
@@ -187,7 +189,10 @@ impl<M: Model> Worker<M> {
             block = false;
             let fits = match &entry.work {
                 Work::Decompose(d) => batch.is_empty() || images + d.images.len() <= self.max_batch,
-                Work::Render(_) => self.pending.is_empty(),
+                Work::Render(r) => {
+                    self.pending.is_empty()
+                        || self.active.len() + self.pending.len() + r.specs.len() <= self.max_batch
+                }
             };
             if !fits {
                 self.held = Some(entry);

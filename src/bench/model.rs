@@ -1,6 +1,7 @@
-//! `slotserve bench`: how long the model takes on this machine, for the official presets at
-//! full size with random weights (so no checkpoint is needed), in the same terms as the
-//! official code's timing script (decompose, one UNet evaluation, a 20-evaluation render).
+//! `slotserve bench` without `--server`: how long the model takes in this process, for the
+//! official presets at full size with random weights (so no checkpoint is needed), in the same
+//! terms as the official code's timing script (decompose, one UNet evaluation, a
+//! 20-evaluation render).
 
 use std::time::Instant;
 
@@ -9,24 +10,29 @@ use candle_nn::VarMap;
 use serde::Serialize;
 
 use crate::config::{ModelConfig, Preset};
+use crate::device::DeviceChoice;
 use crate::model::pipeline::SlotDiffusion;
 use crate::model::sampler::SamplerKind;
 
-/// What to measure.
+/// What to measure in this process (not with `--server`).
 #[derive(Debug, Clone, clap::Args)]
-pub struct BenchArgs {
+pub struct ModelBenchArgs {
     /// Presets to measure (full official sizes, random weights).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Preset::Clevrtex, Preset::Voc])]
+    #[arg(long, value_enum, value_delimiter = ',', conflicts_with = "server",
+        default_values_t = [Preset::Clevrtex, Preset::Voc])]
     pub presets: Vec<Preset>,
     /// Batch sizes for decompose and the UNet evaluation.
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 4])]
+    #[arg(long, value_delimiter = ',', conflicts_with = "server", default_values_t = [1, 4])]
     pub batches: Vec<usize>,
     /// Timed repetitions of each measurement (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, conflicts_with = "server", default_value_t = 3)]
     pub repeats: usize,
     /// Also time a full render (20 DPM-Solver++ evaluations + VQ decode) at batch 1.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, conflicts_with = "server", default_value_t = true, action = clap::ArgAction::Set)]
     pub render: bool,
+    /// Compute device: `auto`, `cpu`, `cuda` (GPU 0), `cuda:N`, `metal` or `metal:N`.
+    #[arg(long, env = "SLOTSERVE_DEVICE", default_value_t)]
+    pub device: DeviceChoice,
 }
 
 /// One preset's timings, in seconds (medians).
@@ -75,7 +81,7 @@ pub fn peak_rss_mib() -> Option<f64> {
 /// Measures one preset.
 pub fn bench_preset(
     preset: Preset,
-    args: &BenchArgs,
+    args: &ModelBenchArgs,
     device: &Device,
 ) -> anyhow::Result<BenchReport> {
     let config = ModelConfig::preset(preset);

@@ -3,10 +3,11 @@
 //! attention is the per-slot segmentation mask.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::ShapeMap;
+use crate::ops::{layer_norm, linear, linear_no_bias, LayerNorm, Linear};
 
 /// Added to the attention before renormalising over inputs (`eps` of the official module).
 const ATTN_EPS: f64 = 1e-6;
@@ -53,11 +54,11 @@ impl GruCell {
         let w_ih = Linear::new(
             vb.get((3 * hidden, input), "weight_ih")?,
             Some(vb.get(3 * hidden, "bias_ih")?),
-        );
+        )?;
         let w_hh = Linear::new(
             vb.get((3 * hidden, hidden), "weight_hh")?,
             Some(vb.get(3 * hidden, "bias_hh")?),
-        );
+        )?;
         Ok(Self { w_ih, w_hh })
     }
 

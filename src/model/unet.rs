@@ -9,11 +9,11 @@
 //! and [`UNetModel::forward_kv`] reuses them; [`ContextKv::cat`] batches the sets of several
 //! requests, padding and masking the shorter ones.
 
-use candle_core::{bail, DType, Module, Result, Tensor, D};
-use candle_nn::{layer_norm, linear, linear_no_bias, Conv2dConfig};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_core::{bail, DType, Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::ops::{conv2d, group_norm, upsample_nearest2x, Conv2d, GroupNorm};
+use crate::ops::{attention, conv2d, geglu, group_norm, layer_norm, linear, linear_no_bias};
+use crate::ops::{upsample_nearest2x, Conv2d, GroupNorm, LayerNorm, Linear};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::ShapeMap;
@@ -130,17 +130,6 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
     }
 }
 
-/// Softmax over the last dimension, computed in f32 for f16/bf16 inputs: in half precision
-/// the normaliser of hundreds or thousands of positions loses most of its bits.
-pub(crate) fn softmax_wide(x: &Tensor) -> Result<Tensor> {
-    match x.dtype() {
-        DType::F16 | DType::BF16 => {
-            candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
-        }
-        _ => candle_nn::ops::softmax_last_dim(x),
-    }
-}
-
 /// Residual block conditioned on the timestep embedding (added after the first conv).
 #[derive(Debug, Clone)]
 struct ResBlock {
@@ -167,14 +156,14 @@ impl ResBlock {
     }
 
     /// `emb_silu`: the timestep embedding [B, E] after its SiLU (shared by every block).
+    /// The official order: `in_layers` (GroupNorm, SiLU, conv), plus the embedding's
+    /// projection, then `out_layers` (GroupNorm, SiLU, dropout, conv), plus the skip.
     fn forward(&self, x: &Tensor, emb_silu: &Tensor) -> Result<Tensor> {
-        let h = self.in_conv.forward(&self.in_norm.forward(x)?.silu()?)?;
-        let e = self.emb.forward(emb_silu)?;
-        let h = h.broadcast_add(&e.unsqueeze(2)?.unsqueeze(3)?)?;
-        let h = self.out_conv.forward(&self.out_norm.forward(&h)?.silu()?)?;
+        let h = self.in_conv.forward(&self.in_norm.forward_silu(x)?)?;
+        let h = self.out_norm.forward_add_silu(&h, &self.emb.forward(emb_silu)?)?;
         match &self.skip {
-            Some(skip) => skip.forward(x)? + h,
-            None => x + h,
+            Some(skip) => self.out_conv.forward_residual(&h, &skip.forward(x)?),
+            None => self.out_conv.forward_residual(&h, x),
         }
     }
 }
@@ -201,36 +190,33 @@ impl Attention {
         })
     }
 
-    /// [B, N, dim] → [B, heads, N, dim/heads].
+    /// [B, N, dim] → [B, heads, N, dim/heads], a view.
     fn split_heads(&self, t: &Tensor) -> Result<Tensor> {
         let (b, n, c) = t.dims3()?;
-        t.reshape((b, n, self.heads, c / self.heads))?.transpose(1, 2)?.contiguous()
+        t.reshape((b, n, self.heads, c / self.heads))?.transpose(1, 2)
     }
 
-    /// Keys and values [B, heads, N, head_dim] of `context` [B, N, context_dim].
+    /// Keys and values [B, heads, N, head_dim] of `context` [B, N, context_dim], contiguous
+    /// (to be kept and batched: [`ContextKv`]).
     fn key_value(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
-        let k = self.split_heads(&self.to_k.forward(context)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let k = self.split_heads(&self.to_k.forward(context)?)?.contiguous()?;
+        let v = self.split_heads(&self.to_v.forward(context)?)?.contiguous()?;
         Ok((k, v))
     }
 
-    /// Attention of `x` [B, N, dim] to precomputed keys and values; `bias` [B, 1, 1, Nk] is
-    /// added to the logits (−∞ hides a key).
+    /// Attention of `x` [B, N, dim] to keys and values [B, heads, Nk, head_dim]; `bias`
+    /// [B, 1, 1, Nk] is added to the logits (−∞ hides a key).
     fn attend(&self, x: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let (b, n, c) = x.dims3()?;
         let q = self.split_heads(&self.to_q.forward(x)?)?;
         let scale = ((c / self.heads) as f64).powf(-0.5);
-        let mut logits = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(bias) = bias {
-            logits = logits.broadcast_add(bias)?;
-        }
-        let attn = softmax_wide(&logits)?;
-        let out = attn.matmul(v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        let out = attention(&q, k, v, scale, bias)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.to_out.forward(&out)
     }
 
     fn self_attend(&self, x: &Tensor) -> Result<Tensor> {
-        let (k, v) = self.key_value(x)?;
+        let k = self.split_heads(&self.to_k.forward(x)?)?;
+        let v = self.split_heads(&self.to_v.forward(x)?)?;
         self.attend(x, &k, &v, None)
     }
 }
@@ -254,11 +240,7 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let inner = h.dim(D::Minus1)? / 2;
-        let value = h.narrow(D::Minus1, 0, inner)?;
-        let gate = h.narrow(D::Minus1, inner, inner)?;
-        self.out.forward(&(value * gate.gelu_erf()?)?)
+        self.out.forward(&geglu(&self.proj.forward(x)?)?)
     }
 }
 
@@ -631,6 +613,6 @@ impl UNetModel {
             let Some(skip) = skips.pop() else { bail!("more output than input blocks") };
             h = block.forward(&Tensor::cat(&[&h, &skip], 1)?, &emb_silu, ctx)?;
         }
-        self.out_conv.forward(&self.out_norm.forward(&h)?.silu()?)
+        self.out_conv.forward(&self.out_norm.forward_silu(&h)?)
     }
 }

@@ -8,9 +8,10 @@ use candle_nn::VarBuilder;
 /// A fully connected layer over the last dimension, loaded like [`candle_nn::linear`] (same
 /// `weight`/`bias` keys and shapes).
 ///
-/// At construction the f32 CPU weights are packed once (transposed, in the micro-kernel's panel
-/// layout); `forward` then runs f32 CPU inputs of any rank as one matrix product over all
-/// leading dimensions, and leaves other devices and dtypes to candle.
+/// At construction constant f32 CPU weights are packed once (transposed, in the micro-kernel's
+/// panel layout); `forward` then runs f32 CPU inputs of any rank as one matrix product over all
+/// leading dimensions. Trained weights (candle `Var`s), inputs that carry gradients, other
+/// devices and dtypes are left to candle.
 #[derive(Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
@@ -45,8 +46,8 @@ impl Linear {
 
     /// Wraps a candle layer, packing its weights when the fast kernel can run them.
     pub fn from_candle(inner: candle_nn::Linear) -> Result<Self> {
-        let supported =
-            super::fast_path(inner.weight()) && inner.bias().is_none_or(super::fast_path);
+        let constant = |t: &Tensor| !t.is_variable() && super::fast_path(t);
+        let supported = constant(inner.weight()) && inner.bias().is_none_or(constant);
         let kernel = if supported { Some(Arc::new(LinearKernel::pack(&inner)?)) } else { None };
         Ok(Self { inner, kernel })
     }
@@ -65,7 +66,11 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.kernel {
-            Some(kernel) if super::fast_path(x) && x.dim(D::Minus1)? == kernel.in_features => {
+            Some(kernel)
+                if super::fast_path(x)
+                    && !x.track_op()
+                    && x.dim(D::Minus1)? == kernel.in_features =>
+            {
                 x.contiguous()?.apply_op1_no_bwd(kernel.as_ref())
             }
             _ => self.inner.forward(x),

@@ -77,7 +77,7 @@ unsafe fn norm_group(
 /// # Safety
 /// The CPU must have AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sum_shifted_pow(x: &[f32], d: f32, power: u32) -> f64 {
+pub(super) unsafe fn sum_shifted_pow(x: &[f32], d: f32, power: u32) -> f64 {
     let dv = _mm256_set1_ps(d);
     let mut acc = [_mm256_setzero_ps(); 4];
     let chunks = x.chunks_exact(32);

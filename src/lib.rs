@@ -10,6 +10,7 @@ pub mod edit;
 pub mod engine;
 pub mod eval;
 pub mod imageio;
+pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod slots;

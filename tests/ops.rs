@@ -161,6 +161,17 @@ fn group_norm_matches_candle() {
             &fast.forward_silu(&x).unwrap(),
             &want.silu().unwrap(),
         );
+        assert_close(
+            &format!("{name} + relu"),
+            &fast.forward_relu(&x).unwrap(),
+            &want.relu().unwrap(),
+        );
+        let residual = random(shape, seed + 4, 0.0, 1.0);
+        assert_close(
+            &format!("{name} + residual + relu"),
+            &fast.forward_residual_relu(&x, &residual).unwrap(),
+            &(&want + &residual).unwrap().relu().unwrap(),
+        );
         let mut dims = vec![1; shape.len()];
         dims[..2].copy_from_slice(&shape[..2]);
         let shifted = x.broadcast_add(&shift.reshape(dims).unwrap()).unwrap();
@@ -191,8 +202,12 @@ fn linear_matches_candle() {
             random(&[out_features, in_features], seed + 1, 0.0, (in_features as f32).powf(-0.5));
         let bias = with_bias.then(|| random(&[out_features], seed + 2, 0.0, 1.0));
         let want = candle_nn::Linear::new(weight.clone(), bias.clone()).forward(&x).unwrap();
-        let got = ops::Linear::new(weight, bias).unwrap().forward(&x).unwrap();
-        assert_close(&format!("linear {shape:?} → {out_features}"), &got, &want);
+        let layer = ops::Linear::new(weight, bias).unwrap();
+        let name = format!("linear {shape:?} → {out_features}");
+        assert_close(&name, &layer.forward(&x).unwrap(), &want);
+        let residual = random(want.dims(), seed + 3, 0.0, 1.0);
+        let got = layer.forward_residual(&x, &residual).unwrap();
+        assert_close(&format!("{name} + residual"), &got, &(&want + &residual).unwrap());
     }
     // A strided input. (candle_nn::Linear itself returns wrong values for this transposed view
     // in candle 0.11.1: its matmul folds the batch of a non-row-major lhs against the broadcast
@@ -399,6 +414,15 @@ fn trainable_group_norm_has_candles_gradients() {
     let want = gradients(&x, &[&weight, &bias], |x| plain.forward(x).unwrap().silu().unwrap());
     for (what, (g, w)) in ["input", "weight", "bias"].iter().zip(got.iter().zip(&want)) {
         assert_close(&format!("group norm d{what}"), g, w);
+    }
+    let residual = random(&[b, c, h, w], 303, 0.0, 1.0);
+    let got =
+        gradients(&x, &[&weight, &bias], |x| ours.forward_residual_relu(x, &residual).unwrap());
+    let want = gradients(&x, &[&weight, &bias], |x| {
+        (plain.forward(x).unwrap() + &residual).unwrap().relu().unwrap()
+    });
+    for (what, (g, w)) in ["input", "weight", "bias"].iter().zip(got.iter().zip(&want)) {
+        assert_close(&format!("group norm + residual + relu d{what}"), g, w);
     }
 }
 

@@ -159,6 +159,23 @@ impl SlotDiffusion {
         Self::new(vb, config.clone(), format!("random-{seed:016x}"))
     }
 
+    /// The weights of [`random`](Self::random) as constants rather than trainable variables,
+    /// as a loaded checkpoint holds them: the model that inference runs (the packed kernels of
+    /// `ops` only take weights that no optimiser will change), e.g. for benchmarks.
+    pub fn random_constant(config: &ModelConfig, seed: u64, device: &Device) -> Result<Self> {
+        let vars = VarMap::new();
+        Self::random(config, seed, &vars, device)?;
+        let tensors = vars
+            .data()
+            .lock()
+            .expect("var map lock")
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+            .collect();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        Self::new(vb, config.clone(), format!("random-{seed:016x}"))
+    }
+
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config

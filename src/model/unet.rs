@@ -204,20 +204,27 @@ impl Attention {
         Ok((k, v))
     }
 
-    /// Attention of `x` [B, N, dim] to keys and values [B, heads, Nk, head_dim]; `bias`
-    /// [B, 1, 1, Nk] is added to the logits (−∞ hides a key).
-    fn attend(&self, x: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    /// Attention of `x` [B, N, dim] to keys and values [B, heads, Nk, head_dim], plus
+    /// `residual` [B, N, dim]; `bias` [B, 1, 1, Nk] is added to the logits (−∞ hides a key).
+    fn attend(
+        &self,
+        x: &Tensor,
+        (k, v): (&Tensor, &Tensor),
+        bias: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
         let (b, n, c) = x.dims3()?;
         let q = self.split_heads(&self.to_q.forward(x)?)?;
         let scale = ((c / self.heads) as f64).powf(-0.5);
         let out = attention(&q, k, v, scale, bias)?.transpose(1, 2)?.reshape((b, n, c))?;
-        self.to_out.forward(&out)
+        self.to_out.forward_residual(&out, residual)
     }
 
-    fn self_attend(&self, x: &Tensor) -> Result<Tensor> {
+    /// Self-attention of `x` [B, N, dim], plus `residual`.
+    fn self_attend(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let k = self.split_heads(&self.to_k.forward(x)?)?;
         let v = self.split_heads(&self.to_v.forward(x)?)?;
-        self.attend(x, &k, &v, None)
+        self.attend(x, (&k, &v), None, residual)
     }
 }
 
@@ -236,11 +243,10 @@ impl FeedForward {
             out: linear(inner, dim, vb.pp("net.2"))?,
         })
     }
-}
 
-impl Module for FeedForward {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.out.forward(&geglu(&self.proj.forward(x)?)?)
+    /// The feed-forward of `x`, plus `residual`.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.out.forward_residual(&geglu(&self.proj.forward(x)?)?, residual)
     }
 }
 
@@ -278,9 +284,9 @@ impl TransformerBlock {
 
     fn forward(&self, x: &Tensor, ctx: &ContextKv) -> Result<Tensor> {
         let (k, v) = &ctx.kv[self.kv_index];
-        let x = (self.attn1.self_attend(&self.norm1.forward(x)?)? + x)?;
-        let x = (self.attn2.attend(&self.norm2.forward(&x)?, k, v, ctx.bias.as_ref())? + x)?;
-        self.ff.forward(&self.norm3.forward(&x)?)? + x
+        let x = self.attn1.self_attend(&self.norm1.forward(x)?, x)?;
+        let x = self.attn2.attend(&self.norm2.forward(&x)?, (k, v), ctx.bias.as_ref(), &x)?;
+        self.ff.forward_residual(&self.norm3.forward(&x)?, &x)
     }
 }
 

@@ -44,15 +44,16 @@ impl SelfAttention {
     }
 }
 
-impl Module for SelfAttention {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl SelfAttention {
+    /// Self-attention of `x` [B, N, C], plus `residual`.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (b, n, c) = x.dims3()?;
         let q = self.split_heads(&self.query.forward(x)?)?;
         let k = self.split_heads(&self.key.forward(x)?)?;
         let v = self.split_heads(&self.value.forward(x)?)?;
         let scale = ((c / self.heads) as f64).powf(-0.5);
         let out = attention(&q, &k, &v, scale, None)?.transpose(1, 2)?.reshape((b, n, c))?;
-        self.output.forward(&out)
+        self.output.forward_residual(&out, residual)
     }
 }
 
@@ -81,9 +82,9 @@ impl Layer {
 
 impl Module for Layer {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (self.attention.forward(&self.layernorm_before.forward(x)?)? + x)?;
+        let x = self.attention.forward_residual(&self.layernorm_before.forward(x)?, x)?;
         let hidden = gelu_erf(&self.intermediate.forward(&self.layernorm_after.forward(&x)?)?)?;
-        self.output.forward(&hidden)? + x
+        self.output.forward_residual(&hidden, &x)
     }
 }
 

@@ -153,7 +153,7 @@ pub fn bench_preset(
     let render_b1 = if args.render {
         let slots = model.decompose(&images(1)?)?.slots.get(0)?;
         let mut render = || -> anyhow::Result<()> {
-            model.render(&[slots.clone()], &[0], SamplerKind::DpmSolverPP, 20)?;
+            model.render(std::slice::from_ref(&slots), &[0], SamplerKind::DpmSolverPP, 20)?;
             Ok(())
         };
         let (wall_s, cpu_s) = run_timed(&mut render)?;

@@ -9,7 +9,8 @@ scripts ($REFERENCE_DIR, default ../shared/reference beside this checkout; they 
 official code from $SLOTDIFFUSION_SRC). Each measurement is one untimed warm-up call, then the
 median of REPEATS calls, in wall and process CPU seconds, as `slotserve bench` measures: decompose
 (`model.encode`), one UNet evaluation at timestep 500, and one render at batch 1 (20 DPM-Solver++
-evaluations and the VQ-VAE decode). Prints one JSON line shaped like `slotserve bench`'s.
+evaluations and the VQ-VAE decode). Prints one JSON line shaped like `slotserve bench`'s, plus
+the FLOP of one image's decompose and of one UNet evaluation (PyTorch's FLOP counter).
 """
 import json
 import os
@@ -23,6 +24,7 @@ REFERENCE_DIR = os.environ.get("REFERENCE_DIR", os.path.join(HERE, "..", "..", "
 sys.path.insert(0, REFERENCE_DIR)
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import make_reference  # noqa: E402
 
@@ -79,5 +81,13 @@ with torch.inference_mode():
 
         wall, cpu = run_timed(render_one)
         report["render_b1"] = {"batch": 1, "wall_s": wall, "cpu_s": cpu}
+    # FLOP of one image's decompose and of one UNet evaluation at batch 1, by PyTorch's counter.
+    with FlopCounterMode(display=False) as counter:
+        model.encode(torch.rand(1, 3, side, side) * 2 - 1)
+    report["decompose_gflop"] = counter.get_total_flops() / 1e9
+    slots, _ = model.encode(torch.rand(1, 3, side, side) * 2 - 1)
+    with FlopCounterMode(display=False) as counter:
+        unet(torch.randn(1, decoder.channels, *decoder.resolution), torch.full((1,), 500.0), context=slots)
+    report["unet_gflop"] = counter.get_total_flops() / 1e9
 report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps(report))

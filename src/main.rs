@@ -162,7 +162,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    slotserve::memory::keep_freed_memory();
+    slotserve::cpu_runtime::configure();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

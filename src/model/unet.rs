@@ -13,6 +13,7 @@ use candle_core::{bail, DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::ops::{attention, conv2d, geglu, group_norm, layer_norm, linear, linear_no_bias};
+use crate::ops::{merge_heads, split_heads};
 use crate::ops::{upsample_nearest2x, Conv2d, GroupNorm, LayerNorm, Linear};
 use serde::{Deserialize, Serialize};
 
@@ -190,17 +191,11 @@ impl Attention {
         })
     }
 
-    /// [B, N, dim] → [B, heads, N, dim/heads], a view.
-    fn split_heads(&self, t: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = t.dims3()?;
-        t.reshape((b, n, self.heads, c / self.heads))?.transpose(1, 2)
-    }
-
     /// Keys and values [B, heads, N, head_dim] of `context` [B, N, context_dim], contiguous
     /// (to be kept and batched: [`ContextKv`]).
     fn key_value(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
-        let k = self.split_heads(&self.to_k.forward(context)?)?.contiguous()?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?.contiguous()?;
+        let k = split_heads(&self.to_k.forward(context)?, self.heads)?.contiguous()?;
+        let v = split_heads(&self.to_v.forward(context)?, self.heads)?.contiguous()?;
         Ok((k, v))
     }
 
@@ -213,17 +208,16 @@ impl Attention {
         bias: Option<&Tensor>,
         residual: &Tensor,
     ) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let q = self.split_heads(&self.to_q.forward(x)?)?;
-        let scale = ((c / self.heads) as f64).powf(-0.5);
-        let out = attention(&q, k, v, scale, bias)?.transpose(1, 2)?.reshape((b, n, c))?;
+        let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let scale = ((x.dim(2)? / self.heads) as f64).powf(-0.5);
+        let out = merge_heads(&attention(&q, k, v, scale, bias)?)?;
         self.to_out.forward_residual(&out, residual)
     }
 
     /// Self-attention of `x` [B, N, dim], plus `residual`.
     fn self_attend(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let k = self.split_heads(&self.to_k.forward(x)?)?;
-        let v = self.split_heads(&self.to_v.forward(x)?)?;
+        let k = split_heads(&self.to_k.forward(x)?, self.heads)?;
+        let v = split_heads(&self.to_v.forward(x)?, self.heads)?;
         self.attend(x, (&k, &v), None, residual)
     }
 }

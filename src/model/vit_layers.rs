@@ -11,7 +11,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::vit::ViTConfig;
-use crate::ops::{attention, gelu_erf, layer_norm, linear, LayerNorm, Linear};
+use crate::ops::{attention, gelu_erf, layer_norm, linear, merge_heads, split_heads};
+use crate::ops::{LayerNorm, Linear};
 
 /// Multi-head self-attention (`attention.attention`) and its output projection
 /// (`attention.output.dense`).
@@ -37,22 +38,12 @@ impl SelfAttention {
         })
     }
 
-    /// [B, N, C] → [B, heads, N, C/heads], a view.
-    fn split_heads(&self, t: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = t.dims3()?;
-        t.reshape((b, n, self.heads, c / self.heads))?.transpose(1, 2)
-    }
-}
-
-impl SelfAttention {
     /// Self-attention of `x` [B, N, C], plus `residual`.
     fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let q = self.split_heads(&self.query.forward(x)?)?;
-        let k = self.split_heads(&self.key.forward(x)?)?;
-        let v = self.split_heads(&self.value.forward(x)?)?;
-        let scale = ((c / self.heads) as f64).powf(-0.5);
-        let out = attention(&q, &k, &v, scale, None)?.transpose(1, 2)?.reshape((b, n, c))?;
+        let heads = |layer: &Linear| split_heads(&layer.forward(x)?, self.heads);
+        let (q, k, v) = (heads(&self.query)?, heads(&self.key)?, heads(&self.value)?);
+        let scale = ((x.dim(2)? / self.heads) as f64).powf(-0.5);
+        let out = merge_heads(&attention(&q, &k, &v, scale, None)?)?;
         self.output.forward_residual(&out, residual)
     }
 }

@@ -47,6 +47,18 @@ pub fn attention(
     q.apply_op3_no_bwd(&k, &v, &op)?.transpose(1, 2)
 }
 
+/// `[B, N, H·d]` tokens as `[B, H, N, d]` heads: a view, which [`attention()`] reads in place.
+pub fn split_heads(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, c) = t.dims3()?;
+    t.reshape((b, n, heads, c / heads))?.transpose(1, 2)
+}
+
+/// `[B, H, N, d]` heads back as `[B, N, H·d]` tokens (no copy for [`attention()`]'s output).
+pub fn merge_heads(t: &Tensor) -> Result<Tensor> {
+    let (b, h, n, d) = t.dims4()?;
+    t.transpose(1, 2)?.reshape((b, n, h * d))
+}
+
 /// The plain candle computation of [`attention()`] (scores, softmax, product), used off the
 /// fast path and as the reference in tests and benchmarks. f16 and bf16 scores take their
 /// softmax in f32: in half precision the normaliser of hundreds or thousands of keys loses

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod commands;
 pub mod config;
+pub mod cpu_runtime;
 pub mod data;
 pub mod device;
 pub mod edit;

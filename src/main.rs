@@ -160,6 +160,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    slotserve::cpu_runtime::configure();
     let cli = Cli::parse();
     logging::init(cli.log_format);
     match cli.command {

@@ -161,6 +161,17 @@ fn group_norm_matches_candle() {
             &fast.forward_silu(&x).unwrap(),
             &want.silu().unwrap(),
         );
+        assert_close(
+            &format!("{name} + relu"),
+            &fast.forward_relu(&x).unwrap(),
+            &want.relu().unwrap(),
+        );
+        let residual = random(shape, seed + 4, 0.0, 1.0);
+        assert_close(
+            &format!("{name} + residual + relu"),
+            &fast.forward_residual_relu(&x, &residual).unwrap(),
+            &(&want + &residual).unwrap().relu().unwrap(),
+        );
         let mut dims = vec![1; shape.len()];
         dims[..2].copy_from_slice(&shape[..2]);
         let shifted = x.broadcast_add(&shift.reshape(dims).unwrap()).unwrap();
@@ -191,8 +202,12 @@ fn linear_matches_candle() {
             random(&[out_features, in_features], seed + 1, 0.0, (in_features as f32).powf(-0.5));
         let bias = with_bias.then(|| random(&[out_features], seed + 2, 0.0, 1.0));
         let want = candle_nn::Linear::new(weight.clone(), bias.clone()).forward(&x).unwrap();
-        let got = ops::Linear::new(weight, bias).unwrap().forward(&x).unwrap();
-        assert_close(&format!("linear {shape:?} → {out_features}"), &got, &want);
+        let layer = ops::Linear::new(weight, bias).unwrap();
+        let name = format!("linear {shape:?} → {out_features}");
+        assert_close(&name, &layer.forward(&x).unwrap(), &want);
+        let residual = random(want.dims(), seed + 3, 0.0, 1.0);
+        let got = layer.forward_residual(&x, &residual).unwrap();
+        assert_close(&format!("{name} + residual"), &got, &(&want + &residual).unwrap());
     }
     // A strided input. (candle_nn::Linear itself returns wrong values for this transposed view
     // in candle 0.11.1: its matmul folds the batch of a non-row-major lhs against the broadcast
@@ -208,10 +223,70 @@ fn linear_matches_candle() {
     );
 }
 
+/// LayerNorm over the last dimension in f64 with candle's tensor ops: the reference, since
+/// candle's f32 kernel takes the variance as E[x²] − mean², which loses digits when the mean
+/// dwarfs the spread (and it has no f64 version).
+fn layer_norm_f64(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Tensor {
+    let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let x = f64_of(x);
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1).unwrap()).unwrap();
+    let std =
+        (centred.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps).unwrap().sqrt().unwrap();
+    let normed = centred.broadcast_div(&std).unwrap();
+    normed.broadcast_mul(&f64_of(weight)).unwrap().broadcast_add(&f64_of(bias)).unwrap()
+}
+
+#[test]
+fn layer_norm_matches_an_f64_reference() {
+    // (shape, mean, std): widths off the 8-lane vectors, inputs far from zero mean; then a
+    // strided input.
+    let cases: [(&[usize], f32, f32); 4] = [
+        (&[2, 37, 384], 0.0, 1.0),
+        (&[5, 29], 4.0, 3.0),
+        (&[1, 785, 64], -3.0, 0.2),
+        (&[3], 1.0, 1.0),
+    ];
+    for (i, &(shape, mean, std)) in cases.iter().enumerate() {
+        let seed = 700 + 10 * i as u64;
+        let width = *shape.last().unwrap();
+        let x = random(shape, seed, mean, std);
+        let weight = random(&[width], seed + 1, 1.0, 0.3);
+        let bias = random(&[width], seed + 2, 0.0, 0.3);
+        for eps in [1e-5, 1e-12] {
+            let want = layer_norm_f64(&x, &weight, &bias, eps);
+            let got = ops::LayerNorm::new(weight.clone(), bias.clone(), eps)
+                .unwrap()
+                .forward(&x)
+                .unwrap();
+            assert_close(&format!("layer norm {shape:?} eps {eps:e}"), &got, &want);
+        }
+    }
+    let x = random(&[4, 6, 3], 750, 0.0, 1.0).transpose(1, 2).unwrap(); // [4, 3, 6], strided
+    let (weight, bias) = (random(&[6], 751, 1.0, 0.3), random(&[6], 752, 0.0, 0.3));
+    let want = layer_norm_f64(&x, &weight, &bias, 1e-5);
+    let got = ops::LayerNorm::new(weight, bias, 1e-5).unwrap().forward(&x).unwrap();
+    assert_close("layer norm strided input", &got, &want);
+}
+
+#[test]
+fn gelu_and_geglu_match_candle() {
+    // Sizes off the 8-lane vectors; values out to where erf saturates.
+    for (i, shape) in [&[2, 37, 64][..], &[7, 26], &[3, 1, 2]].iter().enumerate() {
+        let x = random(shape, 800 + i as u64, 0.0, 3.0);
+        let got = ops::gelu_erf(&x).unwrap();
+        assert_close(&format!("gelu {shape:?}"), &got, &x.gelu_erf().unwrap());
+        let inner = shape.last().unwrap() / 2;
+        let (value, gate) =
+            (x.narrow(D::Minus1, 0, inner).unwrap(), x.narrow(D::Minus1, inner, inner).unwrap());
+        let want = (value * gate.gelu_erf().unwrap()).unwrap();
+        assert_close(&format!("geglu {shape:?}"), &ops::geglu(&x).unwrap(), &want);
+    }
+    assert!(ops::geglu(&random(&[2, 5], 810, 0.0, 1.0)).is_err(), "odd width");
+}
+
 /// `[B, H, N, d]` heads of a `[B, N, H·d]` token tensor, as a strided view (no copy).
 fn heads(t: &Tensor, h: usize) -> Tensor {
-    let (b, n, c) = t.dims3().unwrap();
-    t.reshape((b, n, h, c / h)).unwrap().transpose(1, 2).unwrap()
+    ops::split_heads(t, h).unwrap()
 }
 
 #[test]
@@ -276,11 +351,15 @@ fn attention_output_views_merge_heads_without_copy() {
     let x = random(&[b, n, h * d], 400, 0.0, 1.0);
     let out = ops::attention(&heads(&x, h), &heads(&x, h), &heads(&x, h), 0.1, None).unwrap();
     assert_eq!(out.dims(), &[b, h, n, d]);
+    let merged = ops::merge_heads(&out).unwrap();
+    assert_eq!(merged.dims(), &[b, n, h * d]);
+    let round_trip = ops::merge_heads(&heads(&x, h)).unwrap();
+    assert_eq!(
+        round_trip.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
     if ops::kernels_enabled() {
-        assert!(
-            out.transpose(1, 2).unwrap().is_contiguous(),
-            "fast path returns [B, N, H, d] storage"
-        );
+        assert!(merged.is_contiguous(), "fast path returns [B, N, H, d] storage");
     }
 }
 
@@ -339,6 +418,61 @@ fn trainable_group_norm_has_candles_gradients() {
     for (what, (g, w)) in ["input", "weight", "bias"].iter().zip(got.iter().zip(&want)) {
         assert_close(&format!("group norm d{what}"), g, w);
     }
+    let residual = random(&[b, c, h, w], 303, 0.0, 1.0);
+    let got =
+        gradients(&x, &[&weight, &bias], |x| ours.forward_residual_relu(x, &residual).unwrap());
+    let want = gradients(&x, &[&weight, &bias], |x| {
+        (plain.forward(x).unwrap() + &residual).unwrap().relu().unwrap()
+    });
+    for (what, (g, w)) in ["input", "weight", "bias"].iter().zip(got.iter().zip(&want)) {
+        assert_close(&format!("group norm + residual + relu d{what}"), g, w);
+    }
+}
+
+#[test]
+fn trainable_linear_and_norms_keep_candles_path() {
+    let x = random(&[3, 5, 8], 900, 0.5, 1.0);
+    let weight = candle_core::Var::from_tensor(&random(&[6, 8], 901, 0.0, 0.3)).unwrap();
+    let bias = candle_core::Var::from_tensor(&random(&[6], 902, 0.0, 0.3)).unwrap();
+    let (wt, bt) = (weight.as_tensor().clone(), Some(bias.as_tensor().clone()));
+    let ours = ops::Linear::new(wt.clone(), bt.clone()).unwrap();
+    let plain = candle_nn::Linear::new(wt, bt);
+    let got = gradients(&x, &[&weight, &bias], |x| ours.forward(x).unwrap());
+    let want = gradients(&x, &[&weight, &bias], |x| plain.forward(x).unwrap());
+    for (what, (g, w)) in ["input", "weight", "bias"].iter().zip(got.iter().zip(&want)) {
+        assert_close(&format!("linear d{what}"), g, w);
+    }
+    // Constant weights, an input that carries gradients: still differentiable.
+    let constant = ops::Linear::new(random(&[6, 8], 903, 0.0, 0.3), None).unwrap();
+    let got = gradients(&x, &[], |x| constant.forward(x).unwrap());
+    let want = gradients(&x, &[], |x| x.broadcast_matmul(&constant.weight().t().unwrap()).unwrap());
+    assert_close("constant linear dinput", &got[0], &want[0]);
+    let got = gradients(&x, &[], |x| ops::gelu_erf(x).unwrap());
+    let want = gradients(&x, &[], |x| x.gelu_erf().unwrap());
+    assert_close("gelu dinput", &got[0], &want[0]);
+    let got = gradients(&x, &[], |x| ops::geglu(x).unwrap());
+    let want = gradients(&x, &[], |x| {
+        (x.narrow(2, 0, 4).unwrap() * x.narrow(2, 4, 4).unwrap().gelu_erf().unwrap()).unwrap()
+    });
+    assert_close("geglu dinput", &got[0], &want[0]);
+    // Trained LayerNorm weights take candle's own layer, values unchanged.
+    let gamma = candle_core::Var::from_tensor(&random(&[8], 904, 1.0, 0.3)).unwrap();
+    let beta = candle_core::Var::from_tensor(&random(&[8], 905, 0.0, 0.3)).unwrap();
+    let (gt, bt) = (gamma.as_tensor().clone(), beta.as_tensor().clone());
+    let want = candle_nn::LayerNorm::new(gt.clone(), bt.clone(), 1e-5).forward(&x).unwrap();
+    let got = ops::LayerNorm::new(gt, bt, 1e-5).unwrap().forward(&x).unwrap();
+    assert_close("trainable layer norm value", &got, &want);
+}
+
+#[test]
+fn attention_with_gradients_takes_the_differentiable_path() {
+    let (b, h, n, d) = (2, 2, 7, 8);
+    let q = random(&[b, h, n, d], 950, 0.0, 1.0);
+    let k = random(&[b, h, n, d], 951, 0.0, 1.0);
+    let v = random(&[b, h, n, d], 952, 0.0, 1.0);
+    let got = gradients(&v, &[], |v| ops::attention(&q, &k, v, 0.3, None).unwrap());
+    let want = gradients(&v, &[], |v| ops::attention_reference(&q, &k, v, 0.3, None).unwrap());
+    assert_close("attention dvalues", &got[0], &want[0]);
 }
 
 #[test]

@@ -1,11 +1,14 @@
 //! `slotserve bench` without `--server`: how long the model takes in this process, for the
-//! official presets at full size with random weights (so no checkpoint is needed), in the same
-//! terms as the official code's timing script (decompose, one UNet evaluation, a
-//! 20-evaluation render).
+//! official presets at full size with random weights (so no checkpoint is needed), in the same terms as
+//! `scripts/time_pytorch.py` times the official code: decompose, one UNet evaluation, and a
+//! 20-evaluation render.
+//!
+//! Besides wall time each measurement reports the CPU time the process used, which says how
+//! much work it took even when other processes share the cores.
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::Serialize;
 
@@ -14,6 +17,9 @@ use crate::device::DeviceChoice;
 use crate::model::pipeline::SlotDiffusion;
 use crate::model::sampler::SamplerKind;
 
+/// The timestep of the timed UNet evaluations (mid-schedule, as the official timing script).
+const UNET_TIMESTEP: f32 = 500.0;
+
 /// What to measure in this process (not with `--server`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelBenchArgs {
@@ -21,9 +27,14 @@ pub struct ModelBenchArgs {
     #[arg(long, value_enum, value_delimiter = ',', conflicts_with = "server",
         default_values_t = [Preset::Clevrtex, Preset::Voc])]
     pub presets: Vec<Preset>,
-    /// Batch sizes for decompose and the UNet evaluation.
-    #[arg(long, value_delimiter = ',', conflicts_with = "server", default_values_t = [1, 4])]
-    pub batches: Vec<usize>,
+    /// Batch sizes for decompose (none: skip decompose).
+    #[arg(long, value_delimiter = ',', num_args = 0.., conflicts_with = "server",
+        default_values_t = [1, 8])]
+    pub decompose_batches: Vec<usize>,
+    /// Batch sizes for one UNet evaluation (none: skip the UNet).
+    #[arg(long, value_delimiter = ',', num_args = 0.., conflicts_with = "server",
+        default_values_t = [1, 4])]
+    pub unet_batches: Vec<usize>,
     /// Timed repetitions of each measurement (the median is reported).
     #[arg(long, conflicts_with = "server", default_value_t = 3)]
     pub repeats: usize,
@@ -35,39 +46,77 @@ pub struct ModelBenchArgs {
     pub device: DeviceChoice,
 }
 
-/// One preset's timings, in seconds (medians).
+/// The median of timed runs of one measurement.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Timing {
+    /// Images (or latents) per call.
+    pub batch: usize,
+    /// Wall-clock seconds per call.
+    pub wall_s: f64,
+    /// CPU seconds per call, all threads of the process together (user + system).
+    pub cpu_s: f64,
+}
+
+/// One preset's timings (medians).
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
     /// The preset.
     pub preset: Preset,
     /// Input side in pixels.
     pub resolution: usize,
-    /// (batch, seconds) of one decompose call.
-    pub decompose_s: Vec<(usize, f64)>,
-    /// (batch, seconds) of one batched UNet evaluation (one denoising step).
-    pub unet_step_s: Vec<(usize, f64)>,
-    /// Seconds of one full render at batch 1, when asked for.
-    pub render_b1_s: Option<f64>,
+    /// Threads of the compute pool.
+    pub threads: usize,
+    /// Whether the fast CPU kernels of `ops` ran.
+    pub fast_kernels: bool,
+    /// One decompose call per batch size.
+    pub decompose: Vec<Timing>,
+    /// One batched UNet evaluation (one denoising step) per batch size.
+    pub unet_step: Vec<Timing>,
+    /// One full render at batch 1, when asked for.
+    pub render_b1: Option<Timing>,
     /// Peak resident memory of the process so far, in MiB (Linux only).
     pub peak_rss_mib: Option<f64>,
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
+/// CPU seconds this process has used so far (user + system, all threads), from
+/// `/proc/self/stat`; 0 where that file does not exist.
+fn cpu_seconds() -> f64 {
+    /// Kernel clock ticks per second of `/proc` times (`USER_HZ`, 100 on Linux).
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: f64 =
+        fields.split_whitespace().skip(11).take(2).filter_map(|f| f.parse::<f64>().ok()).sum();
+    ticks / TICKS_PER_SECOND
 }
 
-/// Warm-up run, then the median of `repeats` timed runs of `f`.
-fn time(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+/// Wall and CPU seconds of one run of `f`.
+fn run_timed(f: &mut impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<(f64, f64)> {
+    let (t0, c0) = (Instant::now(), cpu_seconds());
     f()?;
-    let runs = (0..repeats.max(1))
-        .map(|_| {
-            let t0 = Instant::now();
-            f()?;
-            Ok(t0.elapsed().as_secs_f64())
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(median(runs))
+    Ok((t0.elapsed().as_secs_f64(), cpu_seconds() - c0))
+}
+
+/// One untimed warm-up run, then the median of `repeats` timed runs of `f` (wall and CPU time
+/// medians taken separately).
+fn time(
+    batch: usize,
+    repeats: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Timing> {
+    f()?;
+    let runs =
+        (0..repeats.max(1)).map(|_| run_timed(&mut f)).collect::<anyhow::Result<Vec<_>>>()?;
+    let median = |mut xs: Vec<f64>| {
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    };
+    Ok(Timing {
+        batch,
+        wall_s: median(runs.iter().map(|r| r.0).collect()),
+        cpu_s: median(runs.iter().map(|r| r.1).collect()),
+    })
 }
 
 /// Peak resident set size of this process in MiB, from `/proc/self/status`.
@@ -87,41 +136,47 @@ pub fn bench_preset(
     let config = ModelConfig::preset(preset);
     let model = SlotDiffusion::random(&config, 0, &VarMap::new(), device)?;
     let res = config.resolution;
-    let mut decompose_s = Vec::new();
-    let mut unet_step_s = Vec::new();
-    for &b in &args.batches {
-        let images = Tensor::rand(-1f32, 1f32, (b, 3, res, res), device)?;
-        decompose_s.push((b, time(args.repeats, || Ok(model.decompose(&images).map(|_| ())?))?));
-        let slots = model.decompose(&images)?.slots;
-        let slot_sets: Vec<Tensor> =
-            (0..b).map(|i| slots.get(i)).collect::<candle_core::Result<_>>()?;
-        unet_step_s.push((
-            b,
-            time(args.repeats, || {
-                let mut jobs = slot_sets
-                    .iter()
-                    .map(|s| model.start_render(s, 0, SamplerKind::DpmSolverPP, 20))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                model.denoise_step(&mut jobs.iter_mut().collect::<Vec<_>>())?;
-                Ok(())
-            })?,
-        ));
-    }
-    let render_b1_s = if args.render {
-        let slots =
-            model.decompose(&Tensor::rand(-1f32, 1f32, (1, 3, res, res), device)?)?.slots.get(0)?;
-        let t0 = Instant::now();
-        model.render(&[slots], &[0], SamplerKind::DpmSolverPP, 20)?;
-        Some(t0.elapsed().as_secs_f64())
+    let images = |b: usize| Tensor::rand(-1f32, 1f32, (b, 3, res, res), device);
+    let decompose = args
+        .decompose_batches
+        .iter()
+        .map(|&b| {
+            let images = images(b)?;
+            time(b, args.repeats, || Ok(model.decompose(&images).map(|_| ())?))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let unet_step = args
+        .unet_batches
+        .iter()
+        .map(|&b| {
+            let slots = model.decompose(&images(b)?)?.slots;
+            let [c, h, w] = model.latent_dims();
+            let latents = Tensor::randn(0f32, 1f32, (b, c, h, w), device)?;
+            let t = Tensor::full(UNET_TIMESTEP, b, device)?;
+            let unet = model.unet();
+            time(b, args.repeats, || Ok(unet.forward(&latents, &t, &slots).map(|_| ())?))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    // One render, not repeated (it is 20 UNet evaluations, warm after the ones above).
+    let render_b1 = if args.render {
+        let slots = model.decompose(&images(1)?)?.slots.get(0)?;
+        let mut render = || -> anyhow::Result<()> {
+            model.render(std::slice::from_ref(&slots), &[0], SamplerKind::DpmSolverPP, 20)?;
+            Ok(())
+        };
+        let (wall_s, cpu_s) = run_timed(&mut render)?;
+        Some(Timing { batch: 1, wall_s, cpu_s })
     } else {
         None
     };
     Ok(BenchReport {
         preset,
         resolution: res,
-        decompose_s,
-        unet_step_s,
-        render_b1_s,
+        threads: rayon::current_num_threads(),
+        fast_kernels: crate::ops::kernels_enabled() && model.dtype() == DType::F32,
+        decompose,
+        unet_step,
+        render_b1,
         peak_rss_mib: peak_rss_mib(),
     })
 }

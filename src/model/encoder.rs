@@ -2,13 +2,14 @@
 //! map, plus the soft position embedding and the per-position MLP (`_get_encoder_out`).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::ShapeMap;
 use crate::config::Preset;
 use crate::model::resnet::{ResNet, ResNetConfig};
 use crate::model::vit::{ViT, ViTConfig};
+use crate::ops::{layer_norm, linear, LayerNorm, Linear};
 
 /// LayerNorm epsilon of the output MLP (PyTorch's default).
 const LAYER_NORM_EPS: f64 = 1e-5;

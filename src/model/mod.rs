@@ -7,4 +7,5 @@ pub mod sampler;
 pub mod slot_attention;
 pub mod unet;
 pub mod vit;
+pub mod vit_layers;
 pub mod vqvae;

@@ -3,7 +3,7 @@
 //! offered as resumable per-request jobs ([`RenderJob`]), so that the engine can run one UNet
 //! evaluation for requests that arrived at different times and sit at different steps.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -152,11 +152,33 @@ impl SlotDiffusion {
         Ok(model)
     }
 
-    /// A model with reproducible random weights from `seed` (benchmarks, tests, the start of
-    /// training); the variables are recorded in `vars`.
-    pub fn random(config: &ModelConfig, seed: u64, vars: &VarMap, device: &Device) -> Result<Self> {
+    /// A model to train: reproducible random weights from `seed` as variables of `vars`
+    /// (values already in `vars` are kept), so that gradients reach them.
+    pub fn trainable(
+        config: &ModelConfig,
+        seed: u64,
+        vars: &VarMap,
+        device: &Device,
+    ) -> Result<Self> {
         let vb = seeded_var_builder(vars, seed, DType::F32, device);
         Self::new(vb, config.clone(), format!("random-{seed:016x}"))
+    }
+
+    /// A model to run (benchmarks, tests, `init`): the weights of [`Self::trainable`] as
+    /// constants, as a loaded checkpoint holds them, and recorded in `vars` too. Variables
+    /// would send every layer down its differentiable path: slower, and with results that
+    /// depend on the batch around a sample.
+    pub fn random(config: &ModelConfig, seed: u64, vars: &VarMap, device: &Device) -> Result<Self> {
+        let fingerprint = Self::trainable(config, seed, vars, device)?.fingerprint;
+        let constants: HashMap<String, Tensor> = vars
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("the variable map is poisoned".into()))?
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+            .collect();
+        let vb = VarBuilder::from_tensors(constants, DType::F32, device);
+        Self::new(vb, config.clone(), fingerprint)
     }
 
     /// The model's configuration.

@@ -103,13 +103,13 @@ impl BasicBlock {
 
 impl Module for BasicBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.bn1.forward(&self.conv1.forward(x)?)?.relu()?;
-        let h = self.bn2.forward(&self.conv2.forward(&h)?)?;
+        let h = self.bn1.forward_relu(&self.conv1.forward(x)?)?;
+        let h = self.conv2.forward(&h)?;
         let identity = match &self.downsample {
             Some((conv, norm)) => norm.forward(&conv.forward(x)?)?,
             None => x.clone(),
         };
-        (h + identity)?.relu()
+        self.bn2.forward_residual_relu(&h, &identity)
     }
 }
 
@@ -146,7 +146,7 @@ impl ResNet {
 
 impl Module for ResNet {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.bn1.forward(&self.conv1.forward(x)?)?.relu()?;
+        let h = self.bn1.forward_relu(&self.conv1.forward(x)?)?;
         self.blocks.iter().try_fold(h, |h, b| b.forward(&h))
     }
 }

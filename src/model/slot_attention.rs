@@ -3,10 +3,11 @@
 //! attention is the per-slot segmentation mask.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::ShapeMap;
+use crate::ops::{layer_norm, linear, linear_no_bias, LayerNorm, Linear};
 
 /// Added to the attention before renormalising over inputs (`eps` of the official module).
 const ATTN_EPS: f64 = 1e-6;
@@ -49,16 +50,18 @@ struct GruCell {
 }
 
 impl GruCell {
+    /// Reads the cell from `vb`; a fresh model (training) draws every weight and bias from
+    /// U(−1/√hidden, 1/√hidden), PyTorch's initialisation.
     fn new(input: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
-        let w_ih = Linear::new(
-            vb.get((3 * hidden, input), "weight_ih")?,
-            Some(vb.get(3 * hidden, "bias_ih")?),
-        );
-        let w_hh = Linear::new(
-            vb.get((3 * hidden, hidden), "weight_hh")?,
-            Some(vb.get(3 * hidden, "bias_hh")?),
-        );
-        Ok(Self { w_ih, w_hh })
+        let bound = (hidden as f64).powf(-0.5);
+        let init = candle_nn::Init::Uniform { lo: -bound, up: bound };
+        let linear = |fan_in: usize, name: &str| -> Result<Linear> {
+            Linear::new(
+                vb.get_with_hints((3 * hidden, fan_in), &format!("weight_{name}"), init)?,
+                Some(vb.get_with_hints(3 * hidden, &format!("bias_{name}"), init)?),
+            )
+        };
+        Ok(Self { w_ih: linear(input, "ih")?, w_hh: linear(hidden, "hh")? })
     }
 
     fn forward(&self, x: &Tensor, h: &Tensor) -> Result<Tensor> {
@@ -94,7 +97,13 @@ impl SlotAttention {
         let (d, c) = (cfg.slot_size, cfg.in_features);
         let sa = vb.pp("slot_attention");
         Ok(Self {
-            init_latents: vb.get((1, cfg.num_slots, d), "init_latents")?,
+            // a fresh model draws N(0, 1) initial slots, as the official code: equal
+            // initial slots would stay equal, every slot attending uniformly forever
+            init_latents: vb.get_with_hints(
+                (1, cfg.num_slots, d),
+                "init_latents",
+                candle_nn::Init::Randn { mean: 0.0, stdev: 1.0 },
+            )?,
             norm_inputs: layer_norm(c, LAYER_NORM_EPS, sa.pp("norm_inputs"))?,
             q_norm: layer_norm(d, LAYER_NORM_EPS, sa.pp("project_q.0"))?,
             project_q: linear_no_bias(d, d, sa.pp("project_q.1"))?,

@@ -9,11 +9,12 @@
 //! and [`UNetModel::forward_kv`] reuses them; [`ContextKv::cat`] batches the sets of several
 //! requests, padding and masking the shorter ones.
 
-use candle_core::{bail, DType, Module, Result, Tensor, D};
-use candle_nn::{layer_norm, linear, linear_no_bias, Conv2dConfig};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_core::{bail, DType, Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::ops::{conv2d, group_norm, upsample_nearest2x, Conv2d, GroupNorm};
+use crate::ops::{attention, conv2d, geglu, group_norm, layer_norm, linear, linear_no_bias};
+use crate::ops::{merge_heads, split_heads};
+use crate::ops::{upsample_nearest2x, Conv2d, GroupNorm, LayerNorm, Linear};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::ShapeMap;
@@ -130,17 +131,6 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
     }
 }
 
-/// Softmax over the last dimension, computed in f32 for f16/bf16 inputs: in half precision
-/// the normaliser of hundreds or thousands of positions loses most of its bits.
-pub(crate) fn softmax_wide(x: &Tensor) -> Result<Tensor> {
-    match x.dtype() {
-        DType::F16 | DType::BF16 => {
-            crate::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
-        }
-        _ => crate::ops::softmax_last_dim(x),
-    }
-}
-
 /// Residual block conditioned on the timestep embedding (added after the first conv).
 #[derive(Debug, Clone)]
 struct ResBlock {
@@ -167,14 +157,14 @@ impl ResBlock {
     }
 
     /// `emb_silu`: the timestep embedding [B, E] after its SiLU (shared by every block).
+    /// The official order: `in_layers` (GroupNorm, SiLU, conv), plus the embedding's
+    /// projection, then `out_layers` (GroupNorm, SiLU, dropout, conv), plus the skip.
     fn forward(&self, x: &Tensor, emb_silu: &Tensor) -> Result<Tensor> {
-        let h = self.in_conv.forward(&self.in_norm.forward(x)?.silu()?)?;
-        let e = self.emb.forward(emb_silu)?;
-        let h = h.broadcast_add(&e.unsqueeze(2)?.unsqueeze(3)?)?;
-        let h = self.out_conv.forward(&self.out_norm.forward(&h)?.silu()?)?;
+        let h = self.in_conv.forward(&self.in_norm.forward_silu(x)?)?;
+        let h = self.out_norm.forward_add_silu(&h, &self.emb.forward(emb_silu)?)?;
         match &self.skip {
-            Some(skip) => skip.forward(x)? + h,
-            None => x + h,
+            Some(skip) => self.out_conv.forward_residual(&h, &skip.forward(x)?),
+            None => self.out_conv.forward_residual(&h, x),
         }
     }
 }
@@ -201,37 +191,34 @@ impl Attention {
         })
     }
 
-    /// [B, N, dim] → [B, heads, N, dim/heads].
-    fn split_heads(&self, t: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = t.dims3()?;
-        t.reshape((b, n, self.heads, c / self.heads))?.transpose(1, 2)?.contiguous()
-    }
-
-    /// Keys and values [B, heads, N, head_dim] of `context` [B, N, context_dim].
+    /// Keys and values [B, heads, N, head_dim] of `context` [B, N, context_dim], contiguous
+    /// (to be kept and batched: [`ContextKv`]).
     fn key_value(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
-        let k = self.split_heads(&self.to_k.forward(context)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let k = split_heads(&self.to_k.forward(context)?, self.heads)?.contiguous()?;
+        let v = split_heads(&self.to_v.forward(context)?, self.heads)?.contiguous()?;
         Ok((k, v))
     }
 
-    /// Attention of `x` [B, N, dim] to precomputed keys and values; `bias` [B, 1, 1, Nk] is
-    /// added to the logits (−∞ hides a key).
-    fn attend(&self, x: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let q = self.split_heads(&self.to_q.forward(x)?)?;
-        let scale = ((c / self.heads) as f64).powf(-0.5);
-        let mut logits = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(bias) = bias {
-            logits = logits.broadcast_add(bias)?;
-        }
-        let attn = softmax_wide(&logits)?;
-        let out = attn.matmul(v)?.transpose(1, 2)?.reshape((b, n, c))?;
-        self.to_out.forward(&out)
+    /// Attention of `x` [B, N, dim] to keys and values [B, heads, Nk, head_dim], plus
+    /// `residual` [B, N, dim]; `bias` [B, 1, 1, Nk] is added to the logits (−∞ hides a key).
+    fn attend(
+        &self,
+        x: &Tensor,
+        (k, v): (&Tensor, &Tensor),
+        bias: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let scale = ((x.dim(2)? / self.heads) as f64).powf(-0.5);
+        let out = merge_heads(&attention(&q, k, v, scale, bias)?)?;
+        self.to_out.forward_residual(&out, residual)
     }
 
-    fn self_attend(&self, x: &Tensor) -> Result<Tensor> {
-        let (k, v) = self.key_value(x)?;
-        self.attend(x, &k, &v, None)
+    /// Self-attention of `x` [B, N, dim], plus `residual`.
+    fn self_attend(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let k = split_heads(&self.to_k.forward(x)?, self.heads)?;
+        let v = split_heads(&self.to_v.forward(x)?, self.heads)?;
+        self.attend(x, (&k, &v), None, residual)
     }
 }
 
@@ -250,15 +237,10 @@ impl FeedForward {
             out: linear(inner, dim, vb.pp("net.2"))?,
         })
     }
-}
 
-impl Module for FeedForward {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let inner = h.dim(D::Minus1)? / 2;
-        let value = h.narrow(D::Minus1, 0, inner)?;
-        let gate = h.narrow(D::Minus1, inner, inner)?;
-        self.out.forward(&(value * gate.gelu_erf()?)?)
+    /// The feed-forward of `x`, plus `residual`.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.out.forward_residual(&geglu(&self.proj.forward(x)?)?, residual)
     }
 }
 
@@ -296,9 +278,9 @@ impl TransformerBlock {
 
     fn forward(&self, x: &Tensor, ctx: &ContextKv) -> Result<Tensor> {
         let (k, v) = &ctx.kv[self.kv_index];
-        let x = (self.attn1.self_attend(&self.norm1.forward(x)?)? + x)?;
-        let x = (self.attn2.attend(&self.norm2.forward(&x)?, k, v, ctx.bias.as_ref())? + x)?;
-        self.ff.forward(&self.norm3.forward(&x)?)? + x
+        let x = self.attn1.self_attend(&self.norm1.forward(x)?, x)?;
+        let x = self.attn2.attend(&self.norm2.forward(&x)?, (k, v), ctx.bias.as_ref(), &x)?;
+        self.ff.forward_residual(&self.norm3.forward(&x)?, &x)
     }
 }
 
@@ -631,6 +613,6 @@ impl UNetModel {
             let Some(skip) = skips.pop() else { bail!("more output than input blocks") };
             h = block.forward(&Tensor::cat(&[&h, &skip], 1)?, &emb_silu, ctx)?;
         }
-        self.out_conv.forward(&self.out_norm.forward(&h)?.silu()?)
+        self.out_conv.forward(&self.out_norm.forward_silu(&h)?)
     }
 }

@@ -1,16 +1,16 @@
 //! The DINO ViT feature extractor of the VOC and COCO models: a Hugging Face `ViTModel`
 //! (frozen), whose last hidden state without the CLS token is the feature map (official
-//! `dino.py`). The transformer layers are candle-transformers' ViT encoder, which uses the
-//! same (transformers 4) names, LayerNorm eps 1e-12 and exact (erf) GELU; the embeddings are
-//! ours, to interpolate position embeddings to other input sizes (candle's are fixed-size).
+//! `dino.py`). The transformer layers ([`ViTLayers`]) use the same (transformers 4) names,
+//! LayerNorm eps 1e-12 and exact (erf) GELU; the embeddings interpolate position embeddings
+//! to other input sizes.
 //! The official wrapper only runs at its training size; other sizes are our extension,
 //! following Hugging Face's `interpolate_pos_encoding` (bicubic, `align_corners = False`).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{layer_norm, Conv2dConfig, LayerNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::ops::{conv2d, Conv2d};
-use candle_transformers::models::vit;
+use crate::model::vit_layers::ViTLayers;
+use crate::ops::{conv2d, layer_norm, Conv2d, LayerNorm};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::ShapeMap;
@@ -64,22 +64,6 @@ impl ViTConfig {
     /// right and bottom edges are dropped, as by the stride-`p` patch convolution).
     pub fn grid_side(&self, n: usize) -> usize {
         n / self.patch_size
-    }
-
-    /// The candle-transformers configuration of the same network.
-    fn layers_config(&self) -> vit::Config {
-        vit::Config {
-            hidden_size: self.hidden_size,
-            num_hidden_layers: self.num_layers,
-            num_attention_heads: self.num_heads,
-            intermediate_size: self.intermediate_size,
-            hidden_act: candle_nn::Activation::Gelu,
-            layer_norm_eps: LAYER_NORM_EPS,
-            image_size: self.grid_size * self.patch_size,
-            patch_size: self.patch_size,
-            num_channels: 3,
-            qkv_bias: true,
-        }
     }
 }
 
@@ -206,7 +190,7 @@ impl Embeddings {
 #[derive(Debug, Clone)]
 pub struct ViT {
     embeddings: Embeddings,
-    encoder: vit::Encoder,
+    encoder: ViTLayers,
     layernorm: LayerNorm,
 }
 
@@ -215,7 +199,7 @@ impl ViT {
     pub fn new(vb: VarBuilder, cfg: &ViTConfig) -> Result<Self> {
         Ok(Self {
             embeddings: Embeddings::new(vb.pp("embeddings"), cfg)?,
-            encoder: vit::Encoder::new(&cfg.layers_config(), vb.pp("encoder"))?,
+            encoder: ViTLayers::new(cfg, LAYER_NORM_EPS, vb.pp("encoder"))?,
             layernorm: layer_norm(cfg.hidden_size, LAYER_NORM_EPS, vb.pp("layernorm"))?,
         })
     }

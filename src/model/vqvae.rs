@@ -10,11 +10,10 @@
 use candle_core::{bail, DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::ops::{conv2d, group_norm, upsample_nearest2x, Conv2d, GroupNorm};
+use crate::ops::{attention, conv2d, group_norm, upsample_nearest2x, Conv2d, GroupNorm};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::ShapeMap;
-use crate::model::unet::softmax_wide;
 
 /// GroupNorm epsilon of every VQ-VAE normalisation (`Normalize` in `modules.py`).
 const NORM_EPS: f64 = 1e-6;
@@ -94,11 +93,6 @@ fn norm(c: usize, vb: VarBuilder) -> Result<GroupNorm> {
     group_norm(NORM_GROUPS, c, NORM_EPS, vb)
 }
 
-/// GroupNorm then swish, the pre-activation of every block.
-fn norm_swish(norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
-    norm.forward(x)?.silu()
-}
-
 /// Pre-activation residual block with a 1×1 shortcut (`nin_shortcut`) when widths differ.
 #[derive(Debug, Clone)]
 struct ResnetBlock {
@@ -125,11 +119,11 @@ impl ResnetBlock {
 
 impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&norm_swish(&self.norm1, x)?)?;
-        let h = self.conv2.forward(&norm_swish(&self.norm2, &h)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let h = self.norm2.forward_silu(&h)?;
         match &self.nin_shortcut {
-            Some(s) => s.forward(x)? + h,
-            None => x + h,
+            Some(s) => self.conv2.forward_residual(&h, &s.forward(x)?),
+            None => self.conv2.forward_residual(&h, x),
         }
     }
 }
@@ -161,15 +155,12 @@ impl Module for AttnBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let hn = self.norm.forward(x)?;
-        let channels_first = |conv: &Conv2d| conv.forward(&hn)?.reshape((b, c, h * w));
-        let q = channels_first(&self.q)?.transpose(1, 2)?.contiguous()?; // [b, hw, c]
-        let k = channels_first(&self.k)?; // [b, c, hw]
-        let v = channels_first(&self.v)?.transpose(1, 2)?.contiguous()?; // [b, hw, c]
-        let weights = (q.matmul(&k)? * (c as f64).powf(-0.5))?;
-        let weights = softmax_wide(&weights)?;
-        // [b, hw_q, hw_k] · [b, hw_k, c], then transposing the small result (not the weights).
-        let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, c, h, w))?;
-        x + self.proj_out.forward(&out)?
+        // [b, 1 head, hw, c] views of the channels-first projections.
+        let tokens = |conv: &Conv2d| conv.forward(&hn)?.reshape((b, 1, c, h * w))?.transpose(2, 3);
+        let (q, k, v) = (tokens(&self.q)?, tokens(&self.k)?, tokens(&self.v)?);
+        let out = attention(&q, &k, &v, (c as f64).powf(-0.5), None)?;
+        let out = out.squeeze(1)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+        self.proj_out.forward_residual(&out, x)
     }
 }
 
@@ -293,7 +284,7 @@ impl Module for Encoder {
         let h = self.conv_in.forward(x)?;
         let h = self.down.iter().try_fold(h, |h, l| l.forward(&h))?;
         let h = self.mid.forward(&h)?;
-        self.conv_out.forward(&norm_swish(&self.norm_out, &h)?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 
@@ -340,7 +331,7 @@ impl Module for Decoder {
     fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let h = self.mid.forward(&self.conv_in.forward(z)?)?;
         let h = self.up.iter().try_fold(h, |h, l| l.forward(&h))?;
-        self.conv_out.forward(&norm_swish(&self.norm_out, &h)?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 

@@ -14,7 +14,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 /// time; they are read in place as long as their last dimension is contiguous (so
 /// `x.reshape((b, n, h, d))?.transpose(1, 2)?` needs no copy), and the result is a transposed
 /// view of a contiguous `[B, Nq, H, dv]` tensor (so `.transpose(1, 2)?.reshape((b, n, h * dv))`
-/// needs no copy either). Other inputs take [`attention_reference`].
+/// needs no copy either). Other inputs, and any that carries gradients, take
+/// [`attention_reference`].
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -33,7 +34,8 @@ pub fn attention(
             v.dims()
         )
     }
-    if !(super::fast_path(q) && super::fast_path(k) && super::fast_path(v)) {
+    let fast = |t: &Tensor| super::fast_path(t) && !t.track_op();
+    if !(fast(q) && fast(k) && fast(v)) {
         return attention_reference(q, k, v, scale, mask);
     }
     let key_bias = match mask {
@@ -45,8 +47,22 @@ pub fn attention(
     q.apply_op3_no_bwd(&k, &v, &op)?.transpose(1, 2)
 }
 
+/// `[B, N, H·d]` tokens as `[B, H, N, d]` heads: a view, which [`attention()`] reads in place.
+pub fn split_heads(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, c) = t.dims3()?;
+    t.reshape((b, n, heads, c / heads))?.transpose(1, 2)
+}
+
+/// `[B, H, N, d]` heads back as `[B, N, H·d]` tokens (no copy for [`attention()`]'s output).
+pub fn merge_heads(t: &Tensor) -> Result<Tensor> {
+    let (b, h, n, d) = t.dims4()?;
+    t.transpose(1, 2)?.reshape((b, n, h * d))
+}
+
 /// The plain candle computation of [`attention()`] (scores, softmax, product), used off the
-/// fast path and as the reference in tests and benchmarks.
+/// fast path and as the reference in tests and benchmarks. f16 and bf16 scores take their
+/// softmax in f32: in half precision the normaliser of hundreds or thousands of keys loses
+/// most of its bits.
 pub fn attention_reference(
     q: &Tensor,
     k: &Tensor,
@@ -61,7 +77,13 @@ pub fn attention_reference(
         let bias = key_bias(m, batch, keys)?.to_dtype(scores.dtype())?;
         scores = scores.broadcast_add(&bias.reshape((batch, 1, 1, keys))?)?;
     }
-    candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v.contiguous()?)
+    let weights = match scores.dtype() {
+        DType::F16 | DType::BF16 => {
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
+        }
+        _ => candle_nn::ops::softmax_last_dim(&scores)?,
+    };
+    weights.matmul(&v.contiguous()?)
 }
 
 /// The additive f32 `[batch, keys]` form of a key mask (see [`attention()`]).

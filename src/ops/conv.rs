@@ -83,8 +83,10 @@ impl Conv2d {
         self.inner.config()
     }
 
-    /// `conv(x) + residual` (`residual` of the output's shape) with the sum written as the
+    /// `residual + conv(x)` (`residual` of the output's shape) with the sum written as the
     /// product leaves the kernel, saving a pass over the output (a ResBlock's skip connection).
+    /// Off the kernel it is computed in that operand order, as the residual blocks always did
+    /// (the order in which candle sums gradients, and so training, depends on it).
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         match &self.kernel {
             Some(kernel) if self.fast(x) && super::fast_path(residual) && !residual.track_op() => {
@@ -99,7 +101,7 @@ impl Conv2d {
                 }
                 x.contiguous()?.apply_op2_no_bwd(&residual.contiguous()?, kernel.as_ref())
             }
-            _ => self.forward(x)? + residual,
+            _ => residual + self.forward(x)?,
         }
     }
 

@@ -1,6 +1,6 @@
 //! [`GroupNorm`]: `candle_nn::GroupNorm`'s weights, with SiLU and a per-channel shift fused in.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 /// Group normalisation over `[batch, channels, ...]`, loaded like [`candle_nn::group_norm`].
@@ -8,7 +8,8 @@ use candle_nn::VarBuilder;
 /// Besides the plain [`Module::forward`], it offers the UNet's and VQ-VAE's fused
 /// pre-activations: [`GroupNorm::forward_silu`] (`silu(norm(x))`) and
 /// [`GroupNorm::forward_add_silu`] (`silu(norm(x + shift))` with a per-sample, per-channel
-/// shift such as a ResBlock's timestep embedding). f32 CPU inputs run one pass per group in
+/// shift such as a ResBlock's timestep embedding), and the ResNet's post-activations
+/// [`GroupNorm::forward_relu`] and [`GroupNorm::forward_residual_relu`]. f32 CPU inputs run one pass per group in
 /// cache; inputs or weights that need gradients run [`super::norm_grad::group_norm`];
 /// everything else runs the same maths through candle.
 #[derive(Debug, Clone)]
@@ -58,9 +59,33 @@ impl GroupNorm {
 
     /// `silu(norm(x))` in one pass.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        match self.kernel(x, true, None)? {
+        match self.kernel(x, Activation::Silu, None, None)? {
             Some(y) => Ok(y),
             None => self.forward_unfused(x)?.silu(),
+        }
+    }
+
+    /// `relu(norm(x))` in one pass.
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        match self.kernel(x, Activation::Relu, None, None)? {
+            Some(y) => Ok(y),
+            None => self.forward_unfused(x)?.relu(),
+        }
+    }
+
+    /// `relu(norm(x) + residual)` (`residual` of `x`'s shape) in one pass: the end of a
+    /// ResNet basic block.
+    pub fn forward_residual_relu(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if residual.dims() != x.dims() {
+            candle_core::bail!(
+                "GroupNorm residual {:?} does not match input {:?}",
+                residual.dims(),
+                x.dims()
+            )
+        }
+        match self.kernel(x, Activation::Relu, None, Some(residual))? {
+            Some(y) => Ok(y),
+            None => (self.forward_unfused(x)? + residual)?.relu(),
         }
     }
 
@@ -75,7 +100,7 @@ impl GroupNorm {
                 x.dims()
             )
         }
-        if let Some(y) = self.kernel(x, true, Some(shift))? {
+        if let Some(y) = self.kernel(x, Activation::Silu, Some(shift), None)? {
             return Ok(y);
         }
         let mut dims = vec![1; x.rank()];
@@ -94,26 +119,44 @@ impl GroupNorm {
     }
 
     /// The fused kernel's result, or `None` when the inputs need the candle path.
-    fn kernel(&self, x: &Tensor, silu: bool, shift: Option<&Tensor>) -> Result<Option<Tensor>> {
+    fn kernel(
+        &self,
+        x: &Tensor,
+        activation: Activation,
+        shift: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
         let Some((gamma, beta)) = &self.affine else { return Ok(None) };
         let shape_ok = x.rank() >= 3 && x.dim(1)? == gamma.len();
         let fast = |t: &Tensor| super::fast_path(t) && !t.track_op();
-        if !shape_ok || !fast(x) || !shift.is_none_or(fast) {
+        if !shape_ok || !fast(x) || !shift.is_none_or(fast) || !residual.is_none_or(fast) {
             return Ok(None);
         }
         let shift = shift.map(|s| s.flatten_all()?.to_vec1::<f32>()).transpose()?;
-        let op = NormOp { gamma, beta, groups: self.groups, eps: self.eps, silu, shift };
-        x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
+        let op = NormOp { gamma, beta, groups: self.groups, eps: self.eps, activation, shift };
+        let x = x.contiguous()?;
+        match residual {
+            None => x.apply_op1_no_bwd(&op).map(Some),
+            Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op).map(Some),
+        }
     }
 }
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self.kernel(x, false, None)? {
+        match self.kernel(x, Activation::Identity, None, None)? {
             Some(y) => Ok(y),
             None => self.forward_unfused(x),
         }
     }
+}
+
+/// What follows the normalisation in the fused kernel.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Activation {
+    Identity,
+    Silu,
+    Relu,
 }
 
 /// One call of the fused kernel.
@@ -123,18 +166,21 @@ struct NormOp<'a> {
     beta: &'a [f32],
     groups: usize,
     eps: f64,
-    silu: bool,
+    activation: Activation,
     /// `[batch, channels]` values added before normalising.
     shift: Option<Vec<f32>>,
 }
 
-impl CustomOp1 for NormOp<'_> {
-    fn name(&self) -> &'static str {
-        "slotserve-group-norm"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+impl NormOp<'_> {
+    /// The kernel on the CPU input `x`, adding `residual` after normalising when given.
+    fn run(
+        &self,
+        x: (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (storage, layout) = x;
         let x = super::contiguous_f32(storage, layout)?;
+        let residual = residual.map(|(s, l)| super::contiguous_f32(s, l)).transpose()?;
         let spatial: usize = layout.dims()[2..].iter().product();
         #[cfg(target_arch = "x86_64")]
         {
@@ -143,15 +189,42 @@ impl CustomOp1 for NormOp<'_> {
                 eps: self.eps,
                 gamma: self.gamma,
                 beta: self.beta,
-                silu: self.silu,
+                activation: self.activation,
             };
-            let y = super::x86::norm::group_norm(x, spatial, self.shift.as_deref(), &norm);
+            let shift = self.shift.as_deref();
+            let y = super::x86::norm::group_norm(x, spatial, shift, residual, &norm);
             Ok((CpuStorage::F32(y), layout.shape().clone()))
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (x, spatial);
+            let _ = (x, residual, spatial);
             Err(super::no_kernels())
         }
+    }
+}
+
+impl CustomOp1 for NormOp<'_> {
+    fn name(&self) -> &'static str {
+        "slotserve-group-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run((storage, layout), None)
+    }
+}
+
+impl CustomOp2 for NormOp<'_> {
+    fn name(&self) -> &'static str {
+        "slotserve-group-norm-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        residual: &CpuStorage,
+        residual_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((x, x_layout), Some((residual, residual_layout)))
     }
 }

@@ -2,15 +2,16 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// A fully connected layer over the last dimension, loaded like [`candle_nn::linear`] (same
 /// `weight`/`bias` keys and shapes).
 ///
-/// At construction the f32 CPU weights are packed once (transposed, in the micro-kernel's panel
-/// layout); `forward` then runs f32 CPU inputs of any rank as one matrix product over all
-/// leading dimensions, and leaves other devices and dtypes to candle.
+/// At construction constant f32 CPU weights are packed once (transposed, in the micro-kernel's
+/// panel layout); `forward` then runs f32 CPU inputs of any rank as one matrix product over all
+/// leading dimensions. Trained weights (candle `Var`s), inputs that carry gradients, other
+/// devices and dtypes are left to candle.
 #[derive(Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
@@ -45,8 +46,8 @@ impl Linear {
 
     /// Wraps a candle layer, packing its weights when the fast kernel can run them.
     pub fn from_candle(inner: candle_nn::Linear) -> Result<Self> {
-        let supported =
-            super::fast_path(inner.weight()) && inner.bias().is_none_or(super::fast_path);
+        let constant = |t: &Tensor| !t.is_variable() && super::fast_path(t);
+        let supported = constant(inner.weight()) && inner.bias().is_none_or(constant);
         let kernel = if supported { Some(Arc::new(LinearKernel::pack(&inner)?)) } else { None };
         Ok(Self { inner, kernel })
     }
@@ -62,12 +63,42 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `linear(x) + residual` (`residual` of the output's shape) with the sum written as the
+    /// product leaves the kernel, saving a pass over the output (a transformer block's skip
+    /// connection). Off the kernel it is computed in that operand order.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match &self.kernel {
+            Some(kernel) if self.fast(x)? && super::fast_path(residual) && !residual.track_op() => {
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("rank ≥ 1") = kernel.out_features;
+                if residual.dims() != dims {
+                    candle_core::bail!(
+                        "linear residual {:?} does not match the output {dims:?}",
+                        residual.dims()
+                    )
+                }
+                x.contiguous()?.apply_op2_no_bwd(&residual.contiguous()?, kernel.as_ref())
+            }
+            _ => self.forward(x)? + residual,
+        }
+    }
+
+    /// Whether `forward` would run the packed kernel on `x`.
+    fn fast(&self, x: &Tensor) -> Result<bool> {
+        Ok(match &self.kernel {
+            Some(kernel) => {
+                super::fast_path(x) && !x.track_op() && x.dim(D::Minus1)? == kernel.in_features
+            }
+            None => false,
+        })
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.kernel {
-            Some(kernel) if super::fast_path(x) && x.dim(D::Minus1)? == kernel.in_features => {
-                x.contiguous()?.apply_op1_no_bwd(kernel.as_ref())
-            }
+            Some(kernel) if self.fast(x)? => x.contiguous()?.apply_op1_no_bwd(kernel.as_ref()),
             _ => self.inner.forward(x),
         }
     }
@@ -106,26 +137,58 @@ impl LinearKernel {
     }
 }
 
+impl LinearKernel {
+    /// The layer applied to the CPU input `x`, plus `residual` when given.
+    fn run(
+        &self,
+        x: (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let input = super::contiguous_f32(x.0, x.1)?;
+        let residual = residual.map(|(s, l)| super::contiguous_f32(s, l)).transpose()?;
+        let mut dims = x.1.dims().to_vec();
+        *dims.last_mut().expect("rank ≥ 1") = self.out_features;
+        #[cfg(target_arch = "x86_64")]
+        {
+            const _: () = assert!(PANEL == super::x86::NR);
+            let weights = super::x86::linear::Weights {
+                packed: &self.weights,
+                bias: &self.bias,
+                features: (self.in_features, self.out_features),
+            };
+            let y = super::x86::linear::linear(input, weights, residual);
+            Ok((CpuStorage::F32(y), Shape::from(dims)))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (input, residual, dims);
+            Err(super::no_kernels())
+        }
+    }
+}
+
 impl CustomOp1 for LinearKernel {
     fn name(&self) -> &'static str {
         "slotserve-linear"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = super::contiguous_f32(storage, layout)?;
-        let mut dims = layout.dims().to_vec();
-        *dims.last_mut().expect("rank ≥ 1") = self.out_features;
-        #[cfg(target_arch = "x86_64")]
-        {
-            const _: () = assert!(PANEL == super::x86::NR);
-            let features = (self.in_features, self.out_features);
-            let y = super::x86::linear::linear(x, &self.weights, &self.bias, features);
-            Ok((CpuStorage::F32(y), Shape::from(dims)))
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (x, dims);
-            Err(super::no_kernels())
-        }
+        self.run((storage, layout), None)
+    }
+}
+
+impl CustomOp2 for LinearKernel {
+    fn name(&self) -> &'static str {
+        "slotserve-linear-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        residual: &CpuStorage,
+        residual_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((x, x_layout), Some((residual, residual_layout)))
     }
 }

@@ -1,6 +1,6 @@
 //! Fast CPU kernels behind drop-in layers: convolution ([`Conv2d`]), GroupNorm with fused
-//! SiLU ([`GroupNorm`]), fused attention ([`attention()`]) and fully connected layers
-//! ([`Linear`]).
+//! SiLU ([`GroupNorm`]), fused attention ([`attention()`]), fully connected layers
+//! ([`Linear`]), LayerNorm ([`LayerNorm`]) and the exact GELU ([`gelu_erf`], [`geglu`]).
 //!
 //! The packed kernels have no backward pass: whenever an input or weight is part of a gradient
 //! graph (training) the layers take a differentiable path instead, for convolution the
@@ -14,9 +14,11 @@
 //! rayon over the global pool). Any other device, dtype or CPU takes the plain candle path, as
 //! does everything when `SLOTSERVE_PLAIN_OPS=1` (for A/B timing and debugging).
 
+mod activation;
 mod attention;
 mod conv;
 mod group_norm;
+mod layer_norm;
 mod linear;
 mod norm_grad;
 pub mod patches;
@@ -25,9 +27,11 @@ mod softmax;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use attention::{attention, attention_reference};
+pub use activation::{geglu, gelu_erf};
+pub use attention::{attention, attention_reference, merge_heads, split_heads};
 pub use conv::{conv2d, conv2d_no_bias, Conv2d};
 pub use group_norm::{group_norm, GroupNorm};
+pub use layer_norm::{layer_norm, LayerNorm};
 pub use linear::{linear, linear_no_bias, Linear};
 pub use resample::upsample_nearest2x;
 pub use softmax::softmax_last_dim;

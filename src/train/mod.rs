@@ -264,7 +264,7 @@ impl Trainer {
         device: &Device,
     ) -> anyhow::Result<Self> {
         let vars = VarMap::new();
-        let model = SlotDiffusion::random(&config, options.seed, &vars, device)?;
+        let model = SlotDiffusion::trainable(&config, options.seed, &vars, device)?;
         let vb = seeded_var_builder(&vars, options.seed, DType::F32, device);
         let aux = AuxDecoder::new(vb.pp(AUX_PREFIX), config.slot_size())?;
         let stage = options.stage_at(0);

@@ -27,13 +27,21 @@ thread_local! {
     static SLAB: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `x·Wᵀ + bias` for `x` (`[tokens][in]`, row-major), with `Wᵀ` packed as `[out / NR][in][NR]`
-/// (zero columns past `out`) and `bias` padded to whole panels. Returns `[tokens][out]`,
-/// row-major.
-pub fn linear(x: &[f32], weights: &[f32], bias: &[f32], features: (usize, usize)) -> Vec<f32> {
-    let (in_features, out_features) = features;
+/// The packed weights of one layer: `Wᵀ` as `[out / NR][in][NR]` (zero columns past `out`),
+/// `bias` padded to whole panels, and the (in, out) features.
+#[derive(Clone, Copy)]
+pub struct Weights<'a> {
+    pub packed: &'a [f32],
+    pub bias: &'a [f32],
+    pub features: (usize, usize),
+}
+
+/// `x·Wᵀ + bias (+ residual)` for `x` (`[tokens][in]`, row-major) and `residual`
+/// (`[tokens][out]`, when given). Returns `[tokens][out]`, row-major.
+pub fn linear(x: &[f32], w: Weights, residual: Option<&[f32]>) -> Vec<f32> {
+    let (in_features, out_features) = w.features;
     let tokens = x.len() / in_features;
-    let tasks = split(tokens, bias.len() / NR, rayon::current_num_threads());
+    let tasks = split(tokens, w.bias.len() / NR, rayon::current_num_threads());
     // SAFETY: the tasks cover every (token, feature) of the output, each exactly once, and the
     // layer checked AVX2/FMA.
     unsafe {
@@ -41,7 +49,7 @@ pub fn linear(x: &[f32], weights: &[f32], bias: &[f32], features: (usize, usize)
             tasks.par_iter().for_each(|task| {
                 SLAB.with(|slab| {
                     let slab = &mut *slab.borrow_mut();
-                    run(task, x, weights, bias, features, slab, dst);
+                    run(task, x, w, residual, slab, dst);
                 })
             })
         })
@@ -65,7 +73,8 @@ fn split(tokens: usize, panels: usize, threads: usize) -> Vec<Task> {
         .collect()
 }
 
-/// One task, slab by slab along the reduction: pack the task's tokens, then every tile.
+/// One task, slab by slab along the reduction: pack the task's tokens, then every tile. The
+/// first slab starts each tile from the bias, or from the bias plus the residual.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `out` must hold `[tokens][out features]`, of which no
@@ -73,12 +82,12 @@ fn split(tokens: usize, panels: usize, threads: usize) -> Vec<Task> {
 unsafe fn run(
     task: &Task,
     x: &[f32],
-    weights: &[f32],
-    bias: &[f32],
-    (depth, width): (usize, usize),
+    w: Weights,
+    residual: Option<&[f32]>,
     slab: &mut Vec<f32>,
     out: SharedMut,
 ) {
+    let Weights { packed: weights, bias, features: (depth, width) } = w;
     let slabs = depth.div_ceil(KC_MAX);
     let token_panels = task.tokens.len().div_ceil(MR);
     for s in 0..slabs {
@@ -86,23 +95,33 @@ unsafe fn run(
         pack_tokens(x, depth, task.tokens.clone(), ks.clone(), slab);
         for f in task.panels.clone() {
             let b = Strided { ptr: weights[(f * depth + ks.start) * NR..].as_ptr(), ld: NR };
-            let start = if s == 0 {
-                Start::ColumnBias(bias[f * NR..][..NR].try_into().expect("NR values"))
-            } else {
-                Start::Load
+            let bias = &bias[f * NR..][..NR];
+            let start = match (s, residual) {
+                (0, None) => Start::ColumnBias(bias.try_into().expect("NR values")),
+                _ => Start::Load,
             };
             let cols = NR.min(width - f * NR);
             for t in 0..token_panels {
                 let first = task.tokens.start + t * MR;
+                let rows = MR.min(task.tokens.end - first);
+                let c = out.get().add(first * width + f * NR);
+                if let (0, Some(residual)) = (s, residual) {
+                    for r in 0..rows {
+                        let at = (first + r) * width + f * NR;
+                        for (j, (&v, &b)) in residual[at..at + cols].iter().zip(bias).enumerate() {
+                            c.add(r * width + j).write(v + b);
+                        }
+                    }
+                }
                 let tile_args = Tile {
                     k: ks.len(),
                     a: slab[t * ks.len() * MR..].as_ptr(),
                     lda: MR,
                     b,
-                    c: out.get().add(first * width + f * NR),
+                    c,
                     ldc: width,
                 };
-                tile_part(tile_args, MR.min(task.tokens.end - first), cols, start);
+                tile_part(tile_args, rows, cols, start);
             }
         }
     }

@@ -2,8 +2,10 @@
 //! micro-kernel shared by convolution and attention, a vector `exp`, and the drivers that feed
 //! them. Everything here works on plain `f32` slices; the layers check the CPU first.
 
+pub mod activation;
 pub mod attention;
 pub mod conv;
+pub mod layer_norm;
 pub mod linear;
 pub mod norm;
 
@@ -214,6 +216,40 @@ pub unsafe fn exp8(x: __m256) -> __m256 {
 pub unsafe fn silu8(x: __m256) -> __m256 {
     let one = _mm256_set1_ps(1.0);
     _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))))
+}
+
+/// `erf(x)` on eight lanes, by Abramowitz and Stegun's formula 7.1.26
+/// (`1 − (a₁t + … + a₅t⁵)·e^(−x²)` with `t = 1 / (1 + p·|x|)`, sign restored), absolute error
+/// below 1.5e-7: the same approximation as PyTorch's vectorised CPU `erf`.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn erf8(x: __m256) -> __m256 {
+    let c = _mm256_set1_ps;
+    let sign = _mm256_and_ps(x, c(-0.0));
+    let abs = _mm256_xor_ps(x, sign);
+    let t = _mm256_div_ps(c(1.0), _mm256_fmadd_ps(c(0.327_591_1), abs, c(1.0)));
+    let poly = _mm256_fmadd_ps(c(1.061_405_4), t, c(-1.453_152_1));
+    let poly = _mm256_fmadd_ps(poly, t, c(1.421_413_7));
+    let poly = _mm256_fmadd_ps(poly, t, c(-0.284_496_74));
+    let poly = _mm256_fmadd_ps(poly, t, c(0.254_829_6));
+    let tail = _mm256_mul_ps(
+        _mm256_mul_ps(poly, t),
+        exp8(_mm256_mul_ps(abs, _mm256_xor_ps(abs, c(-0.0)))),
+    );
+    _mm256_xor_ps(_mm256_sub_ps(c(1.0), tail), sign)
+}
+
+/// The exact GELU `x·(1 + erf(x/√2))/2` on eight lanes (through [`erf8`]).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn gelu8(x: __m256) -> __m256 {
+    let c = _mm256_set1_ps;
+    let erf = erf8(_mm256_mul_ps(x, c(std::f32::consts::FRAC_1_SQRT_2)));
+    _mm256_mul_ps(_mm256_mul_ps(x, c(0.5)), _mm256_add_ps(erf, c(1.0)))
 }
 
 /// The sum of the eight lanes.

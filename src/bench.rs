@@ -1,6 +1,7 @@
 //! `slotserve bench`: how long the model takes on this machine, for the official presets at
 //! full size with random weights (so no checkpoint is needed), in the same terms as the
-//! official code's timing script (decompose, one UNet evaluation, a 20-evaluation render).
+//! official code's timing script (decompose, one UNet evaluation, a 20-evaluation render),
+//! at each batch size asked for and in the dtype asked for.
 
 use std::time::Instant;
 
@@ -9,6 +10,7 @@ use candle_nn::VarMap;
 use serde::Serialize;
 
 use crate::config::{ModelConfig, Preset};
+use crate::device::{device_name, DTypeChoice};
 use crate::model::pipeline::SlotDiffusion;
 use crate::model::sampler::SamplerKind;
 
@@ -24,9 +26,12 @@ pub struct BenchArgs {
     /// Timed repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
-    /// Also time a full render (20 DPM-Solver++ evaluations + VQ decode) at batch 1.
+    /// Also time a full render (20 DPM-Solver++ evaluations + VQ decode) at each batch size.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub render: bool,
+    /// Weight and activation dtype (bf16 needs a GPU).
+    #[arg(long, env = "SLOTSERVE_DTYPE", value_enum, default_value_t)]
+    pub dtype: DTypeChoice,
 }
 
 /// One preset's timings, in seconds (medians).
@@ -36,12 +41,17 @@ pub struct BenchReport {
     pub preset: Preset,
     /// Input side in pixels.
     pub resolution: usize,
+    /// Where it ran: `cpu`, `cuda` or `metal`.
+    pub device: &'static str,
+    /// The weights' and activations' dtype.
+    pub dtype: DTypeChoice,
     /// (batch, seconds) of one decompose call.
     pub decompose_s: Vec<(usize, f64)>,
     /// (batch, seconds) of one batched UNet evaluation (one denoising step).
     pub unet_step_s: Vec<(usize, f64)>,
-    /// Seconds of one full render at batch 1, when asked for.
-    pub render_b1_s: Option<f64>,
+    /// (batch, seconds) of one full render of a batch (20 evaluations + decode), when asked
+    /// for; one run after the warm-up of the other measurements.
+    pub render_s: Vec<(usize, f64)>,
     /// Peak resident memory of the process so far, in MiB (Linux only).
     pub peak_rss_mib: Option<f64>,
 }
@@ -51,16 +61,23 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-/// Warm-up run, then the median of `repeats` timed runs of `f`.
-fn time(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+/// Seconds of one run of `f`, until the device has finished the work it queued (GPU kernels
+/// run asynchronously).
+fn once(device: &Device, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
     f()?;
-    let runs = (0..repeats.max(1))
-        .map(|_| {
-            let t0 = Instant::now();
-            f()?;
-            Ok(t0.elapsed().as_secs_f64())
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    device.synchronize()?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Warm-up run, then the median of `repeats` timed runs of `f`.
+fn time(
+    device: &Device,
+    repeats: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    once(device, &mut f)?;
+    let runs = (0..repeats.max(1)).map(|_| once(device, &mut f)).collect::<anyhow::Result<_>>()?;
     Ok(median(runs))
 }
 
@@ -79,19 +96,20 @@ pub fn bench_preset(
     device: &Device,
 ) -> anyhow::Result<BenchReport> {
     let config = ModelConfig::preset(preset);
-    let model = SlotDiffusion::random(&config, 0, &VarMap::new(), device)?;
+    let model = SlotDiffusion::random_in(&config, 0, &VarMap::new(), device, args.dtype.dtype())?;
     let res = config.resolution;
     let mut decompose_s = Vec::new();
     let mut unet_step_s = Vec::new();
+    let mut render_s = Vec::new();
     for &b in &args.batches {
         let images = Tensor::rand(-1f32, 1f32, (b, 3, res, res), device)?;
-        decompose_s.push((b, time(args.repeats, || Ok(model.decompose(&images).map(|_| ())?))?));
+        decompose_s.push((b, time(device, args.repeats, || Ok(model.decompose(&images).map(|_| ())?))?));
         let slots = model.decompose(&images)?.slots;
         let slot_sets: Vec<Tensor> =
             (0..b).map(|i| slots.get(i)).collect::<candle_core::Result<_>>()?;
         unet_step_s.push((
             b,
-            time(args.repeats, || {
+            time(device, args.repeats, || {
                 let mut jobs = slot_sets
                     .iter()
                     .map(|s| model.start_render(s, 0, SamplerKind::DpmSolverPP, 20))
@@ -100,22 +118,20 @@ pub fn bench_preset(
                 Ok(())
             })?,
         ));
+        if args.render {
+            let seeds: Vec<u64> = (0..b as u64).collect();
+            let render = || Ok(model.render(&slot_sets, &seeds, SamplerKind::DpmSolverPP, 20).map(|_| ())?);
+            render_s.push((b, once(device, render)?));
+        }
     }
-    let render_b1_s = if args.render {
-        let slots =
-            model.decompose(&Tensor::rand(-1f32, 1f32, (1, 3, res, res), device)?)?.slots.get(0)?;
-        let t0 = Instant::now();
-        model.render(&[slots], &[0], SamplerKind::DpmSolverPP, 20)?;
-        Some(t0.elapsed().as_secs_f64())
-    } else {
-        None
-    };
     Ok(BenchReport {
         preset,
         resolution: res,
+        device: device_name(device),
+        dtype: args.dtype,
         decompose_s,
         unet_step_s,
-        render_b1_s,
+        render_s,
         peak_rss_mib: peak_rss_mib(),
     })
 }

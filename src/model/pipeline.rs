@@ -90,6 +90,11 @@ pub struct SlotDiffusion {
 impl SlotDiffusion {
     /// Builds the model from weights named as in the official checkpoints.
     pub fn new(vb: VarBuilder, config: ModelConfig, fingerprint: String) -> Result<Self> {
+        if vb.device().is_cpu() && vb.dtype() == DType::BF16 {
+            candle_core::bail!(
+                "bf16 is not supported on the CPU (candle has no bf16 matmul there): use f16 or f32"
+            );
+        }
         let encoder = Encoder::new(vb.clone(), &config.encoder)?;
         let slot_attention = SlotAttention::new(vb.clone(), &config.slot_attention)?;
         let unet = UNetModel::new(vb.pp(UNET_PREFIX), &config.unet)?;
@@ -143,9 +148,6 @@ impl SlotDiffusion {
         device: &Device,
         dtype: DType,
     ) -> anyhow::Result<Self> {
-        if device.is_cpu() && dtype == DType::BF16 {
-            bail!("bf16 is not supported on the CPU (candle has no bf16 matmul there): use f16 or f32");
-        }
         let mut model = Self::new(ckpt.var_builder(dtype, device), config, String::new())?;
         ckpt.ensure_all_used(DERIVED)?;
         model.fingerprint = fingerprint(ckpt)?;
@@ -155,7 +157,19 @@ impl SlotDiffusion {
     /// A model with reproducible random weights from `seed` (benchmarks, tests, the start of
     /// training); the variables are recorded in `vars`.
     pub fn random(config: &ModelConfig, seed: u64, vars: &VarMap, device: &Device) -> Result<Self> {
-        let vb = seeded_var_builder(vars, seed, DType::F32, device);
+        Self::random_in(config, seed, vars, device, DType::F32)
+    }
+
+    /// [`random`](Self::random) with weights and activations in `dtype` (half-precision
+    /// benchmarks): the same seed gives the same weights, rounded to `dtype`.
+    pub fn random_in(
+        config: &ModelConfig,
+        seed: u64,
+        vars: &VarMap,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let vb = seeded_var_builder(vars, seed, dtype, device);
         Self::new(vb, config.clone(), format!("random-{seed:016x}"))
     }
 

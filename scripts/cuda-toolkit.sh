@@ -42,10 +42,16 @@ done
 mkdir -p "$DIR"
 DIR="$(cd "$DIR" && pwd)"
 
+log() { echo "cuda-toolkit: $*" >&2; }
+
+# The stamp lists the hash of each pin file installed; a toolkit installed with cuDNN also
+# serves builds without it, and asking for cuDNN adds it.
+STAMP="$DIR/.installed"
+pins_hash() { sha256sum "$1" | cut -d' ' -f1; }
+installed() { grep -qx "$(pins_hash "$1")" "$STAMP" 2>/dev/null; }
+installed "$REPO/scripts/cuda/cudnn.txt" && CUDNN=1
 REQUIREMENTS=("$REPO/scripts/cuda/toolkit.txt")
 [ "$CUDNN" = 1 ] && REQUIREMENTS+=("$REPO/scripts/cuda/cudnn.txt")
-
-log() { echo "cuda-toolkit: $*" >&2; }
 
 # pip --target merges the wheels' shared nvidia/cu13 folder only within one call, so every
 # wheel goes in one call, into a fresh folder that replaces the old one whole.
@@ -101,12 +107,13 @@ lay_out() {
   done
 }
 
-STAMP="$DIR/.installed"
-WANT="$(cat "${REQUIREMENTS[@]}" | sha256sum | cut -d' ' -f1)"
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+missing=0
+for r in "${REQUIREMENTS[@]}"; do installed "$r" || missing=1; done
+if [ "$missing" = 1 ]; then
+  rm -f "$STAMP"
   install_wheels
   lay_out
-  echo "$WANT" >"$STAMP"
+  for r in "${REQUIREMENTS[@]}"; do pins_hash "$r"; done >"$STAMP"
 fi
 log "$("$DIR/bin/nvcc" --version | grep release) at $DIR"
 

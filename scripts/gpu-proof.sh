@@ -196,6 +196,7 @@ run_server() {
 run() {
   RESULTS="${PROOF_OUT:-${OUT:?set OUT or PROOF_OUT to the results folder}}"
   WORK="$(mktemp -d)"
+  trap 'rm -rf "$WORK"' EXIT
   mkdir -p "$RESULTS"
   [ -f "$PROOF/payload.tar.xz" ] || die "no $PROOF/payload.tar.xz: run '$0 prepare' and carry $PROOF"
   python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \

@@ -103,7 +103,8 @@ pub fn bench_preset(
     let mut render_s = Vec::new();
     for &b in &args.batches {
         let images = Tensor::rand(-1f32, 1f32, (b, 3, res, res), device)?;
-        decompose_s.push((b, time(device, args.repeats, || Ok(model.decompose(&images).map(|_| ())?))?));
+        decompose_s
+            .push((b, time(device, args.repeats, || Ok(model.decompose(&images).map(|_| ())?))?));
         let slots = model.decompose(&images)?.slots;
         let slot_sets: Vec<Tensor> =
             (0..b).map(|i| slots.get(i)).collect::<candle_core::Result<_>>()?;
@@ -120,7 +121,9 @@ pub fn bench_preset(
         ));
         if args.render {
             let seeds: Vec<u64> = (0..b as u64).collect();
-            let render = || Ok(model.render(&slot_sets, &seeds, SamplerKind::DpmSolverPP, 20).map(|_| ())?);
+            let render = || {
+                Ok(model.render(&slot_sets, &seeds, SamplerKind::DpmSolverPP, 20).map(|_| ())?)
+            };
             render_s.push((b, once(device, render)?));
         }
     }

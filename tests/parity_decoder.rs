@@ -53,7 +53,9 @@ fn load_unet(fx: &common::Fixture) -> UNetModel {
 #[test]
 fn vqvae_decode_matches_official() {
     for name in FIXTURES {
-        let Some(fx) = common::Fixture::load("vqvae_decode_matches_official", name) else { continue };
+        let Some(fx) = common::Fixture::load("vqvae_decode_matches_official", name) else {
+            continue;
+        };
         let vq = load_vqvae(&fx, DType::F32);
         let decoded = vq.decode(&fx.tensor("vq_latent")).unwrap();
         common::assert_close(
@@ -68,7 +70,9 @@ fn vqvae_decode_matches_official() {
 #[test]
 fn vqvae_encode_matches_official() {
     for name in FIXTURES {
-        let Some(fx) = common::Fixture::load("vqvae_encode_matches_official", name) else { continue };
+        let Some(fx) = common::Fixture::load("vqvae_encode_matches_official", name) else {
+            continue;
+        };
         let image = fx.tensor("image");
         let encoded = load_vqvae(&fx, DType::F32).encode(&image).unwrap();
         // Our own f32 rounding: f32 against the same network run in f64.

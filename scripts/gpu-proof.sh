@@ -2,10 +2,12 @@
 # The CUDA build proven on a GPU in one short run: fixture parity on CUDA, then `slotserve
 # bench` beside the same networks in PyTorch, with GPU memory, on one machine.
 #
-#   scripts/gpu-proof.sh prepare    here, no GPU needed: builds the CUDA binaries
-#                                   (scripts/build-cuda.sh), trims the voc-small fixture to the
-#                                   decoder and packs both into .gpu-proof/ (git-ignored, under
-#                                   the 64 MiB that travels with a device run: carry .gpu-proof)
+#   scripts/gpu-proof.sh prepare [--cudnn]
+#                                   here, no GPU needed: builds the CUDA binaries
+#                                   (scripts/build-cuda.sh; with --cudnn also a cuDNN slotserve),
+#                                   trims the voc-small fixture to the decoder and packs both
+#                                   into .gpu-proof/ (git-ignored, under the 64 MiB that travels
+#                                   with a device run: carry .gpu-proof)
 #   scripts/gpu-proof.sh run        there, from the repository root: unpacks .gpu-proof/ and
 #                                   writes every result under $OUT (or PROOF_OUT)
 #
@@ -14,9 +16,10 @@
 #  1. tests/parity_decoder.rs on CUDA (SLOTSERVE_TEST_DEVICE=cuda) against the official
 #     voc-small vectors: UNet and VQ-VAE in f32 to 1e-4 (TF32 off), and in f16 and bf16 to
 #     the tolerances stated in that test;
-#  2. `slotserve bench --presets voc` with random weights, f32 and bf16, batches 1, 8, 32, 64,
-#     one process per batch with its peak GPU memory (nvidia-smi); beside each dtype,
-#     benches/torch_gpu_reference.py, the same networks in PyTorch;
+#  2. `slotserve bench --presets voc` with random weights, bf16 then f32, batches 1, 8, 32,
+#     64, one process per batch with its peak GPU memory (nvidia-smi), for the cuda build and
+#     the cudnn one when carried; beside each dtype, benches/torch_gpu_reference.py, the same
+#     networks in PyTorch;
 #  3. if this slotserve has `bench --server`, the server under 1, 8, 32 and 64 concurrent
 #     render clients;
 #  4. summary.md: the table for docs/performance.md (scripts/gpu_proof_summary.py).
@@ -26,8 +29,8 @@
 # `prepare` needs python3 with torch and safetensors to trim the checkpoint (PYTHON_TORCH,
 # default python3) and the fixtures folder (SLOTSERVE_FIXTURES, default
 # ../shared/fixtures/official); `run` needs the NVIDIA driver, nvidia-smi and a python3 with
-# torch, and finds cuBLAS, cuRAND, NVRTC and cudart in that python's nvidia packages or in
-# /usr/local/cuda.
+# torch, and finds the CUDA libraries the binaries link (cuBLAS, cuBLASLt, cuRAND; cuDNN for
+# slotserve-cudnn) in that python's nvidia packages or in /usr/local/cuda.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,11 +38,11 @@ PROOF=.gpu-proof
 FIXTURE=voc-small
 PARITY_TESTS=(parity_decoder)
 BATCHES=(1 8 32 64)
-DTYPES=(f32 bf16)
+DTYPES=(bf16 f32)
 # Per-step limits in seconds, each also cut to what is left of PROOF_BUDGET.
 PARITY_LIMIT=90
-BENCH_LIMIT=75
-TORCH_LIMIT=150
+BENCH_LIMIT=90
+TORCH_LIMIT=120
 SERVER_LIMIT=90
 
 die() { echo "gpu-proof: $*" >&2; exit 1; }
@@ -86,6 +89,10 @@ prepare() {
     strip -o "$stage/bin/${name%%-*}" "$exe"
   done
   [ -x "$stage/bin/slotserve" ] || die "the CUDA build made no slotserve binary"
+  if [ "${1:-}" = --cudnn ]; then
+    scripts/build-cuda.sh --cudnn -- --bin slotserve || die "the cuDNN build failed"
+    strip -o "$stage/bin/slotserve-cudnn" target/cudnn/release/slotserve
+  fi
   trim_fixture "$stage/fixtures"
   ls -l "$stage"/bin "$stage"/fixtures >&2
   tar -C "$stage" -cf - . | xz -T2 -9 > "$PROOF/payload.tar.xz"
@@ -150,15 +157,20 @@ run_parity() {
 }
 
 run_bench() {
-  local dtype b
+  local dtype b build builds=(slotserve)
+  [ -x "$WORK/bin/slotserve-cudnn" ] && builds+=(slotserve-cudnn)
   for dtype in "${DTYPES[@]}"; do
-    for b in "${BATCHES[@]}"; do
-      step "slotserve bench: voc, $dtype, batch $b"
-      # f32 without TF32, as PyTorch's f32 below.
-      NVIDIA_TF32_OVERRIDE=$([ "$dtype" = f32 ] && echo 0 || echo 1) \
-        with_gpu_memory "slotserve $dtype b$b" timeout "$(limit $BENCH_LIMIT)" \
-        "$WORK/bin/slotserve" bench --presets voc --device cuda --dtype "$dtype" \
-        --batches "$b" --repeats 3 | tee -a "$RESULTS/bench.jsonl"
+    # f32 without TF32 (cuDNN would use it), as PyTorch's f32 below.
+    local strict=()
+    [ "$dtype" = f32 ] && strict=(env NVIDIA_TF32_OVERRIDE=0)
+    for build in "${builds[@]}"; do
+      for b in "${BATCHES[@]}"; do
+        step "$build bench: voc, $dtype, batch $b"
+        with_gpu_memory "$build $dtype b$b" timeout "$(limit $BENCH_LIMIT)" "${strict[@]}" \
+          "$WORK/bin/$build" bench --presets voc --device cuda --dtype "$dtype" \
+          --batches "$b" --repeats 3 | sed "s/^{/{\"build\":\"$build\",/" \
+          | tee -a "$RESULTS/bench.jsonl"
+      done
     done
     step "PyTorch: voc, $dtype, batches ${BATCHES[*]}"
     with_gpu_memory "torch $dtype" timeout "$(limit $TORCH_LIMIT)" \
@@ -178,10 +190,12 @@ run_server() {
   local model="$WORK/voc-random" port=3917 server
   "$WORK/bin/slotserve" init --preset voc --out "$model" > /dev/null || return 1
   "$WORK/bin/slotserve" serve --model "$model" --device cuda --dtype bf16 --host 127.0.0.1 \
-    --port "$port" --max-batch-size 64 > "$RESULTS/server.txt" 2>&1 &
+    --port "$port" --max-batch-size 64 --max-queue 256 --max-concurrent 256 \
+    > "$RESULTS/server.txt" 2>&1 &
   server=$!
   local tries=0
-  until curl -fs "http://127.0.0.1:$port/health" > /dev/null; do
+  until python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+    "http://127.0.0.1:$port/health" 2> /dev/null; do
     sleep 1
     tries=$((tries + 1))
     (( tries < 120 )) || { echo "server not healthy after 120 s" >> "$RESULTS/server.txt"; break; }
@@ -207,10 +221,10 @@ run() {
     nvidia-smi
     nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-    ldd "$WORK/bin/slotserve"
+    ldd "$WORK"/bin/*
     python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)'
   } > "$RESULTS/machine.txt" 2>&1
-  if ldd "$WORK/bin/slotserve" | grep -q 'not found'; then
+  if ldd "$WORK"/bin/* | grep -q 'not found'; then
     grep 'not found' "$RESULTS/machine.txt"
     die "a CUDA library is missing (see machine.txt)"
   fi
@@ -222,7 +236,7 @@ run() {
 }
 
 case "${1:-}" in
-  prepare) prepare ;;
+  prepare) prepare "${2:-}" ;;
   run) run ;;
-  *) sed -n '2,31p' "$0"; exit 2 ;;
+  *) sed -n '2,32p' "$0"; exit 2 ;;
 esac

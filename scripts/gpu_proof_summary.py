@@ -3,7 +3,7 @@
 usage: python3 scripts/gpu_proof_summary.py RESULTS_DIR      (prints to stdout)
 
 Reads what the run wrote there: machine.txt (nvidia-smi), parity.log (the parity tests'
-output), bench.jsonl (`slotserve bench`, one line per dtype and batch), torch.jsonl
+output), bench.jsonl (`slotserve bench`, one line per build, dtype and batch), torch.jsonl
 (benches/torch_gpu_reference.py), memory.tsv (peak GPU memory per process) and, when the
 server step ran, server.json.
 """
@@ -55,9 +55,10 @@ def throughput_section(results):
     rows = []
     for r in read_json_lines(os.path.join(results, "bench.jsonl")):
         dec, unet, ren = (per_batch(r, k) for k in ("decompose_s", "unet_step_s", "render_s"))
+        build = r.get("build", "slotserve")
         for b in dec:
-            rows.append((r["dtype"], b, "slotserve (candle)", dec[b], unet.get(b), ren.get(b),
-                         memory.get(f"slotserve {r['dtype']} b{b}", "")))
+            rows.append((r["dtype"], b, f"{build} (candle)", dec[b], unet.get(b), ren.get(b),
+                         memory.get(f"{build} {r['dtype']} b{b}", "")))
     for r in read_json_lines(os.path.join(results, "torch.jsonl")):
         peak = r.get("peak_allocated_mib")
         mem = f"{memory.get('torch ' + r['dtype'], '')} (allocated {peak:.0f})" if peak else ""

@@ -12,11 +12,14 @@ The networks are written here in plain torch with the official voc configuration
 Slot Attention (6 slots of 192, 3 iterations), the LDM UNet (128 channels, mult 1,2,3,4,
 2 res blocks, a transformer at levels 2-4, 32 channels a head, context 192) on the 3×56×56
 latent, and the VQ-VAE decoder (64 channels, mult 1,2,4) with its 4096-entry codebook.
-`--check` verifies that each part has exactly the official model's parameter count (read from
-the official code built at full size) before timing anything.
+Each part has exactly the official model's parameter count (the official code built at full
+size; checked before anything is timed, and alone with `--check`), and the same FLOPs per call
+at batch 1 (torch's FlopCounterMode on both): UNet 66.88 GFLOP, VQ-VAE decode 132.03 GFLOP,
+decompose 45.13 GFLOP (the official ViT's pooler adds 0.3 MFLOP, unused by SlotDiffusion).
 
-Attention is computed as the official code does (`einsum`, softmax, `einsum`); `--attention
-sdpa` uses torch's fused attention instead, to show what a tuned PyTorch deployment gets.
+Attention is computed as the official code does: fused (`scaled_dot_product_attention`, the
+Hugging Face ViT's default) in the ViT, `einsum`, softmax, `einsum` in the UNet and VQ-VAE;
+`--attention sdpa` fuses those too, to show what a tuned PyTorch deployment gets.
 In f32, TF32 is switched off (as slotserve's f32 does not use it). The render is 20 UNet
 evaluations, each followed by the x0 prediction snapped to the codebook and a deterministic
 update (the work of the official DPM-Solver++ per evaluation; its coefficients differ, its cost
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # Parameter counts of the official voc model's parts at full size (the official code, built by
-# /work/shared/reference/make_reference.py's `build("voc-full")`, counted with named_parameters).
+# shared/reference/make_reference.py's `build("voc-full")`, counted with named_parameters).
 OFFICIAL_PARAMS = {
     "encoder": 21818112,
     "encoder_pos_embedding": 1920,
@@ -53,11 +56,12 @@ STEPS, TIMESTEPS = 20, 1000
 ATTENTION = "einsum"
 
 
-def attention(q, k, v, heads):
-    """Multi-head attention of q [B, N, C] over k, v [B, M, C]."""
+def attention(q, k, v, heads, fused=False):
+    """Multi-head attention of q [B, N, C] over k, v [B, M, C]: fused when asked or with
+    `--attention sdpa`, else einsum, softmax, einsum."""
     b, n, c = q.shape
     q, k, v = (t.reshape(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v))
-    if ATTENTION == "sdpa":
+    if fused or ATTENTION == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v)
     else:
         sim = torch.einsum("bhid,bhjd->bhij", q, k) * (c // heads) ** -0.5
@@ -81,7 +85,7 @@ class VitBlock(nn.Module):
 
     def forward(self, x):
         q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
-        x = x + self.proj(attention(q, k, v, VIT_HEADS))
+        x = x + self.proj(attention(q, k, v, VIT_HEADS, fused=True))
         return x + self.mlp(self.norm2(x))
 
 

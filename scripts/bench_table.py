@@ -28,8 +28,6 @@ def median(values):
 def timing(reports, stage, batch, field="wall_s"):
     """Median over runs of `stage`'s `field` at `batch`, per image for decompose."""
     def one(report):
-        if stage == "render_b1":
-            return report[stage][field] if report.get(stage) else None
         for t in report[stage]:
             if t["batch"] == batch:
                 return t[field] / (batch if stage == "decompose" else 1)
@@ -47,7 +45,7 @@ def main():
     rows = [
         ("UNet evaluation, batch 1 (ms)", "unet_step", 1, 1e3, 0),
         ("UNet evaluation, batch 4 (ms)", "unet_step", 4, 1e3, 0),
-        ("render, batch 1 (s/image)", "render_b1", 1, 1, 2),
+        ("render, batch 1 (s/image)", "render", 1, 1, 2),
         ("decompose, batch 1 (ms/image)", "decompose", 1, 1e3, 0),
         ("decompose, batch 8 (ms/image)", "decompose", 8, 1e3, 0),
     ]

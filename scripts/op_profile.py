@@ -2,7 +2,7 @@
 
 usage: python3 scripts/op_profile.py PERF_DATA [PERF_DATA ...]
 e.g.   perf record -F 999 -o unet.data target/release/slotserve bench --presets clevrtex \
-           --decompose-batches --unet-batches 4 --repeats 20 --render false
+           --decompose-batches --unet-batches 4 --repeats 20 --render-batches
        python3 scripts/op_profile.py unet.data
 
 Reads `perf report --no-children --sort symbol` of each file and sums the sample shares of

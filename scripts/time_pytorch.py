@@ -59,7 +59,7 @@ def timing(batch, f, runs):
 model, params = make_reference.build(name)
 side = params.resolution[0]
 report = {"preset": name, "resolution": side, "threads": torch.get_num_threads(),
-          "torch": torch.__version__, "decompose": [], "unet_step": [], "render_b1": None}
+          "torch": torch.__version__, "decompose": [], "unet_step": [], "render": []}
 with torch.inference_mode():
     for b in decompose_batches:
         images = torch.rand(b, 3, side, side) * 2 - 1
@@ -80,7 +80,7 @@ with torch.inference_mode():
             decoder.vae.decode(latent)
 
         wall, cpu = run_timed(render_one)
-        report["render_b1"] = {"batch": 1, "wall_s": wall, "cpu_s": cpu}
+        report["render"].append({"batch": 1, "wall_s": wall, "cpu_s": cpu})
     # FLOP of one image's decompose and of one UNet evaluation at batch 1, by PyTorch's counter.
     with FlopCounterMode(display=False) as counter:
         model.encode(torch.rand(1, 3, side, side) * 2 - 1)

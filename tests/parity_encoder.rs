@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use slotserve::checkpoint::Checkpoint;
 use slotserve::config::{ModelConfig, Preset};
 use slotserve::model::encoder::{position_grid, Encoder};
@@ -19,7 +19,7 @@ const FIXTURES: [(&str, Preset); 2] =
 fn build(fx: &common::Fixture, preset: Preset) -> (Encoder, SlotAttention, ModelConfig) {
     let ckpt = Arc::new(Checkpoint::from_pth(&fx.checkpoint()).unwrap());
     let cfg = ModelConfig::infer(&fx.name, preset, &ckpt.shapes()).unwrap();
-    let vb = ckpt.var_builder(DType::F32, &Device::Cpu);
+    let vb = ckpt.var_builder(DType::F32, &fx.device);
     let encoder = Encoder::new(vb.clone(), &cfg.encoder).unwrap();
     let sa = SlotAttention::new(vb, &cfg.slot_attention).unwrap();
     (encoder, sa, cfg)
@@ -28,7 +28,7 @@ fn build(fx: &common::Fixture, preset: Preset) -> (Encoder, SlotAttention, Model
 #[test]
 fn encoder_and_slot_attention_match_official() {
     for (name, preset) in FIXTURES {
-        let Some(fx) = common::Fixture::load("encoder_and_slot_attention", name) else { return };
+        let Some(fx) = common::Fixture::load("encoder_and_slot_attention", name) else { continue };
         let (encoder, sa, cfg) = build(&fx, preset);
         let image = fx.tensor("image");
         let (_, _, h, w) = image.dims4().unwrap();
@@ -76,11 +76,11 @@ fn assert_segmentation_matches(name: &str, masks: &Tensor, want: &Tensor) {
 #[test]
 fn recomputed_position_grid_equals_the_stored_buffer() {
     for (name, _) in FIXTURES {
-        let Some(fx) = common::Fixture::load("position_grid", name) else { return };
+        let Some(fx) = common::Fixture::load("position_grid", name) else { continue };
         let ckpt = Checkpoint::from_pth(&fx.checkpoint()).unwrap();
         let stored = ckpt.tensor("encoder_pos_embedding.grid").unwrap();
         let (_, h, w, _) = stored.dims4().unwrap();
-        let ours = position_grid(h, w, &Device::Cpu).unwrap().reshape((1, h, w, 4)).unwrap();
+        let ours = position_grid(h, w, &fx.device).unwrap().reshape((1, h, w, 4)).unwrap();
         assert_eq!(common::max_abs_diff(&ours, &stored), 0.0, "{name}");
     }
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use slotserve::config::Preset;
 use slotserve::model::pipeline::SlotDiffusion;
 use slotserve::model::sampler::SamplerKind;
@@ -15,7 +15,7 @@ const FIXTURES: [(&str, Preset); 2] =
     [("clevrtex-small", Preset::Clevrtex), ("voc-small", Preset::Voc)];
 
 fn load(fx: &common::Fixture, preset: Preset) -> SlotDiffusion {
-    SlotDiffusion::load(&fx.checkpoint(), Some(preset), &Device::Cpu, DType::F32).unwrap()
+    SlotDiffusion::load(&fx.checkpoint(), Some(preset), &fx.device, DType::F32).unwrap()
 }
 
 /// Renders each slot set from the matching row of `noise` with the official sampler.
@@ -33,7 +33,7 @@ fn render(model: &SlotDiffusion, slots: &Tensor, noise: &Tensor) -> Tensor {
 fn official_checkpoints_decompose_and_render_like_the_official_code() {
     for (name, preset) in FIXTURES {
         let Some(fx) = common::Fixture::load("official_checkpoints_end_to_end", name) else {
-            return;
+            continue;
         };
         let model = load(&fx, preset);
         let d = model.decompose(&fx.tensor("image")).unwrap();

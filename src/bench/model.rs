@@ -1,7 +1,7 @@
 //! `slotserve bench` without `--server`: how long the model takes in this process, for the
 //! official presets at full size with random weights (so no checkpoint is needed), in the same terms as
 //! `scripts/time_pytorch.py` times the official code: decompose, one UNet evaluation, and a
-//! 20-evaluation render.
+//! 20-evaluation render, at the batch sizes and in the dtype asked for.
 //!
 //! Besides wall time each measurement reports the CPU time the process used, which says how
 //! much work it took even when other processes share the cores.
@@ -13,7 +13,7 @@ use candle_nn::VarMap;
 use serde::Serialize;
 
 use crate::config::{ModelConfig, Preset};
-use crate::device::DeviceChoice;
+use crate::device::{device_name, DTypeChoice, DeviceChoice};
 use crate::model::pipeline::SlotDiffusion;
 use crate::model::sampler::SamplerKind;
 
@@ -35,12 +35,17 @@ pub struct ModelBenchArgs {
     #[arg(long, value_delimiter = ',', num_args = 0.., conflicts_with = "server",
         default_values_t = [1, 4])]
     pub unet_batches: Vec<usize>,
-    /// Timed repetitions of each measurement (the median is reported).
+    /// Batch sizes for a full render, 20 DPM-Solver++ evaluations and the VQ-VAE decode (none:
+    /// skip renders).
+    #[arg(long, value_delimiter = ',', num_args = 0.., conflicts_with = "server",
+        default_values_t = [1])]
+    pub render_batches: Vec<usize>,
+    /// Timed repetitions of each decompose and UNet measurement (the median is reported).
     #[arg(long, conflicts_with = "server", default_value_t = 3)]
     pub repeats: usize,
-    /// Also time a full render (20 DPM-Solver++ evaluations + VQ decode) at batch 1.
-    #[arg(long, conflicts_with = "server", default_value_t = true, action = clap::ArgAction::Set)]
-    pub render: bool,
+    /// Weight and activation dtype (bf16 and f16 need a GPU).
+    #[arg(long, env = "SLOTSERVE_DTYPE", value_enum, default_value_t)]
+    pub dtype: DTypeChoice,
     /// Compute device: `auto`, `cpu`, `cuda` (GPU 0), `cuda:N`, `metal` or `metal:N`.
     #[arg(long, env = "SLOTSERVE_DEVICE", default_value_t)]
     pub device: DeviceChoice,
@@ -64,6 +69,10 @@ pub struct BenchReport {
     pub preset: Preset,
     /// Input side in pixels.
     pub resolution: usize,
+    /// Where it ran: `cpu`, `cuda:N` or `metal:N`.
+    pub device: String,
+    /// The weights' and activations' dtype.
+    pub dtype: DTypeChoice,
     /// Threads of the compute pool.
     pub threads: usize,
     /// Whether the fast CPU kernels of `ops` ran.
@@ -72,8 +81,8 @@ pub struct BenchReport {
     pub decompose: Vec<Timing>,
     /// One batched UNet evaluation (one denoising step) per batch size.
     pub unet_step: Vec<Timing>,
-    /// One full render at batch 1, when asked for.
-    pub render_b1: Option<Timing>,
+    /// One full render per batch size (one run each, after the warm-up of the others).
+    pub render: Vec<Timing>,
     /// Peak resident memory of the process so far, in MiB (Linux only).
     pub peak_rss_mib: Option<f64>,
 }
@@ -91,23 +100,30 @@ fn cpu_seconds() -> f64 {
     ticks / TICKS_PER_SECOND
 }
 
-/// Wall and CPU seconds of one run of `f`.
-fn run_timed(f: &mut impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<(f64, f64)> {
+/// Wall and CPU seconds of one run of `f`, until `device` has finished the work it queued
+/// (GPU kernels run asynchronously).
+fn run_timed(
+    device: &Device,
+    f: &mut impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<(f64, f64)> {
     let (t0, c0) = (Instant::now(), cpu_seconds());
     f()?;
+    device.synchronize()?;
     Ok((t0.elapsed().as_secs_f64(), cpu_seconds() - c0))
 }
 
 /// One untimed warm-up run, then the median of `repeats` timed runs of `f` (wall and CPU time
 /// medians taken separately).
 fn time(
+    device: &Device,
     batch: usize,
     repeats: usize,
     mut f: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<Timing> {
-    f()?;
-    let runs =
-        (0..repeats.max(1)).map(|_| run_timed(&mut f)).collect::<anyhow::Result<Vec<_>>>()?;
+    run_timed(device, &mut f)?;
+    let runs = (0..repeats.max(1))
+        .map(|_| run_timed(device, &mut f))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let median = |mut xs: Vec<f64>| {
         xs.sort_by(f64::total_cmp);
         xs[xs.len() / 2]
@@ -134,7 +150,7 @@ pub fn bench_preset(
     device: &Device,
 ) -> anyhow::Result<BenchReport> {
     let config = ModelConfig::preset(preset);
-    let model = SlotDiffusion::random(&config, 0, &VarMap::new(), device)?;
+    let model = SlotDiffusion::random_in(&config, 0, &VarMap::new(), device, args.dtype.dtype())?;
     let res = config.resolution;
     let images = |b: usize| Tensor::rand(-1f32, 1f32, (b, 3, res, res), device);
     let decompose = args
@@ -142,7 +158,7 @@ pub fn bench_preset(
         .iter()
         .map(|&b| {
             let images = images(b)?;
-            time(b, args.repeats, || Ok(model.decompose(&images).map(|_| ())?))
+            time(device, b, args.repeats, || Ok(model.decompose(&images).map(|_| ())?))
         })
         .collect::<anyhow::Result<_>>()?;
     let unet_step = args
@@ -154,29 +170,34 @@ pub fn bench_preset(
             let latents = Tensor::randn(0f32, 1f32, (b, c, h, w), device)?;
             let t = Tensor::full(UNET_TIMESTEP, b, device)?;
             let unet = model.unet();
-            time(b, args.repeats, || Ok(unet.forward(&latents, &t, &slots).map(|_| ())?))
+            time(device, b, args.repeats, || Ok(unet.forward(&latents, &t, &slots).map(|_| ())?))
         })
         .collect::<anyhow::Result<_>>()?;
-    // One render, not repeated (it is 20 UNet evaluations, warm after the ones above).
-    let render_b1 = if args.render {
-        let slots = model.decompose(&images(1)?)?.slots.get(0)?;
-        let mut render = || -> anyhow::Result<()> {
-            model.render(std::slice::from_ref(&slots), &[0], SamplerKind::DpmSolverPP, 20)?;
-            Ok(())
-        };
-        let (wall_s, cpu_s) = run_timed(&mut render)?;
-        Some(Timing { batch: 1, wall_s, cpu_s })
-    } else {
-        None
-    };
+    // One render per batch size, not repeated (20 UNet evaluations, warm after the above).
+    let render = args
+        .render_batches
+        .iter()
+        .map(|&b| {
+            let slots = model.decompose(&images(b)?)?.slots;
+            let sets = (0..b).map(|i| slots.get(i)).collect::<candle_core::Result<Vec<_>>>()?;
+            let seeds: Vec<u64> = (0..b as u64).collect();
+            let (wall_s, cpu_s) = run_timed(device, &mut || {
+                model.render(&sets, &seeds, SamplerKind::DpmSolverPP, 20)?;
+                Ok(())
+            })?;
+            Ok(Timing { batch: b, wall_s, cpu_s })
+        })
+        .collect::<anyhow::Result<_>>()?;
     Ok(BenchReport {
         preset,
         resolution: res,
+        device: device_name(device),
+        dtype: args.dtype,
         threads: rayon::current_num_threads(),
-        fast_kernels: crate::ops::kernels_enabled() && model.dtype() == DType::F32,
+        fast_kernels: crate::ops::kernels_enabled() && device.is_cpu() && model.dtype() == DType::F32,
         decompose,
         unet_step,
-        render_b1,
+        render,
         peak_rss_mib: peak_rss_mib(),
     })
 }

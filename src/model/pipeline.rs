@@ -90,6 +90,11 @@ pub struct SlotDiffusion {
 impl SlotDiffusion {
     /// Builds the model from weights named as in the official checkpoints.
     pub fn new(vb: VarBuilder, config: ModelConfig, fingerprint: String) -> Result<Self> {
+        if vb.device().is_cpu() && vb.dtype() == DType::BF16 {
+            candle_core::bail!(
+                "bf16 is not supported on the CPU (candle has no bf16 matmul there): use f16 or f32"
+            );
+        }
         let encoder = Encoder::new(vb.clone(), &config.encoder)?;
         let slot_attention = SlotAttention::new(vb.clone(), &config.slot_attention)?;
         let unet = UNetModel::new(vb.pp(UNET_PREFIX), &config.unet)?;
@@ -143,9 +148,6 @@ impl SlotDiffusion {
         device: &Device,
         dtype: DType,
     ) -> anyhow::Result<Self> {
-        if device.is_cpu() && dtype == DType::BF16 {
-            bail!("bf16 is not supported on the CPU (candle has no bf16 matmul there): use f16 or f32");
-        }
         let mut model = Self::new(ckpt.var_builder(dtype, device), config, String::new())?;
         ckpt.ensure_all_used(DERIVED)?;
         model.fingerprint = fingerprint(ckpt)?;
@@ -169,6 +171,18 @@ impl SlotDiffusion {
     /// would send every layer down its differentiable path: slower, and with results that
     /// depend on the batch around a sample.
     pub fn random(config: &ModelConfig, seed: u64, vars: &VarMap, device: &Device) -> Result<Self> {
+        Self::random_in(config, seed, vars, device, DType::F32)
+    }
+
+    /// [`random`](Self::random) with weights and activations in `dtype` (half-precision
+    /// benchmarks): the same seed gives the same weights, rounded to `dtype`.
+    pub fn random_in(
+        config: &ModelConfig,
+        seed: u64,
+        vars: &VarMap,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let fingerprint = Self::trainable(config, seed, vars, device)?.fingerprint;
         let constants: HashMap<String, Tensor> = vars
             .data()
@@ -177,7 +191,7 @@ impl SlotDiffusion {
             .iter()
             .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
             .collect();
-        let vb = VarBuilder::from_tensors(constants, DType::F32, device);
+        let vb = VarBuilder::from_tensors(constants, dtype, device);
         Self::new(vb, config.clone(), fingerprint)
     }
 

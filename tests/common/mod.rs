@@ -9,6 +9,20 @@ use candle_nn::VarBuilder;
 
 /// The environment variable naming the folder of official test vectors.
 pub const FIXTURES_ENV: &str = "SLOTSERVE_FIXTURES";
+/// The environment variable naming the device the parity tests run the model on: `cpu`
+/// (the default) or `cuda` (GPU 0, in a build with the `cuda` feature).
+pub const DEVICE_ENV: &str = "SLOTSERVE_TEST_DEVICE";
+
+/// The device of `$SLOTSERVE_TEST_DEVICE`; an unknown name or an unusable GPU is a failure,
+/// never a silent fall-back to the CPU.
+pub fn device() -> Device {
+    match std::env::var(DEVICE_ENV).as_deref() {
+        Err(_) | Ok("cpu") => Device::Cpu,
+        Ok("cuda") => Device::new_cuda(0)
+            .unwrap_or_else(|e| panic!("{DEVICE_ENV}=cuda, but no CUDA GPU is usable: {e}")),
+        Ok(other) => panic!("{DEVICE_ENV}={other}: expected cpu or cuda"),
+    }
+}
 
 /// The fixture folder: `$SLOTSERVE_FIXTURES`, else `../shared/fixtures/official` beside the
 /// checkout. `None` (with one line saying why) when neither exists, so a fresh clone elsewhere
@@ -35,18 +49,27 @@ pub struct Fixture {
     pub dir: PathBuf,
     /// Fixture name, e.g. `voc-small`.
     pub name: String,
-    /// Every tensor of `vectors_NAME.safetensors`, on the CPU.
+    /// The device the test runs on ([`device`]).
+    pub device: Device,
+    /// Every tensor of `vectors_NAME.safetensors`, on that device.
     pub vectors: HashMap<String, Tensor>,
 }
 
 impl Fixture {
     /// Loads the vectors of fixture `name`; `None` when fixtures are unavailable (skipped).
+    /// A `$SLOTSERVE_FIXTURES` folder may hold only some fixtures (trimmed to travel to a GPU
+    /// machine): the others are skipped, with one line saying so.
     pub fn load(test: &str, name: &str) -> Option<Self> {
         let dir = fixtures_dir(test)?;
         let path = dir.join(format!("vectors_{name}.safetensors"));
-        let vectors = candle_core::safetensors::load(&path, &Device::Cpu)
+        if !path.exists() && std::env::var_os(FIXTURES_ENV).is_some() {
+            println!("skipped {test} for {name}: ${FIXTURES_ENV} holds no {}", path.display());
+            return None;
+        }
+        let device = device();
+        let vectors = candle_core::safetensors::load(&path, &device)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-        Some(Self { dir, name: name.to_string(), vectors })
+        Some(Self { dir, name: name.to_string(), device, vectors })
     }
 
     /// Path of the official `.pth` checkpoint.
@@ -54,9 +77,9 @@ impl Fixture {
         self.dir.join(format!("official_{}.pth", self.name))
     }
 
-    /// A plain (non-strict) VarBuilder over the official checkpoint, f32 on the CPU.
+    /// A plain (non-strict) VarBuilder over the official checkpoint, f32 on the test device.
     pub fn var_builder(&self) -> VarBuilder<'static> {
-        VarBuilder::from_pth(self.checkpoint(), DType::F32, &Device::Cpu).expect("read checkpoint")
+        VarBuilder::from_pth(self.checkpoint(), DType::F32, &self.device).expect("read checkpoint")
     }
 
     /// One test vector by name.

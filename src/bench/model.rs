@@ -194,7 +194,9 @@ pub fn bench_preset(
         device: device_name(device),
         dtype: args.dtype,
         threads: rayon::current_num_threads(),
-        fast_kernels: crate::ops::kernels_enabled() && device.is_cpu() && model.dtype() == DType::F32,
+        fast_kernels: crate::ops::kernels_enabled()
+            && device.is_cpu()
+            && model.dtype() == DType::F32,
         decompose,
         unet_step,
         render,

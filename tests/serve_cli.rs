@@ -52,8 +52,9 @@ struct Served {
 }
 
 impl Served {
-    /// Starts the binary on 127.0.0.1 with an ephemeral port, no warm-up, with `configure`
-    /// giving the rest of its settings, and reads its address from the `listening` log line.
+    /// Starts the binary on 127.0.0.1 with an ephemeral HTTP port, no gRPC and no warm-up, with
+    /// `configure` giving the rest of its settings, and reads its address from the
+    /// `HTTP listening` log line.
     fn start(configure: impl FnOnce(&mut Command)) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_slotserve"));
         command
@@ -62,6 +63,7 @@ impl Served {
             .env("RUST_LOG", "info")
             .env("SLOTSERVE_HOST", "127.0.0.1")
             .env("SLOTSERVE_PORT", "0")
+            .env("SLOTSERVE_GRPC_PORT", "0")
             .env("SLOTSERVE_WARMUP", "false")
             .env("SLOTSERVE_MODEL", model_dir())
             .stdout(Stdio::null())
@@ -76,7 +78,7 @@ impl Served {
             }
         });
         let mut served = Self { child, base: String::new(), logs };
-        let listening = served.wait_for_log(|l| l["message"] == "listening");
+        let listening = served.wait_for_log(|l| l["message"] == "HTTP listening");
         let address = listening["address"].as_str().expect("address field").to_string();
         served.base = format!("http://{address}");
         served

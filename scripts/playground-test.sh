@@ -91,7 +91,7 @@ s.bind(("127.0.0.1", 0))
 print(s.getsockname()[1])')"
 URL="http://127.0.0.1:$PORT"
 SLOTSERVE_HOST=127.0.0.1 SLOTSERVE_PORT="$PORT" SLOTSERVE_GRPC_PORT=0 SLOTSERVE_MODEL="$MODEL" \
-  SLOTSERVE_DEVICE=cpu SLOTSERVE_API_KEY="$KEY" "$BIN" serve > "$WORK/server.log" 2>  SLOTSERVE_API_KEY="$KEY" "$BIN" serve > "$WORK/server.log" 2>&1 &1 &
+  SLOTSERVE_DEVICE=cpu SLOTSERVE_API_KEY="$KEY" "$BIN" serve > "$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 3000); do
   curl -fs -o /dev/null "$URL/health" && break

@@ -10,7 +10,6 @@ use rand_distr::{Distribution, StandardNormal};
 use crate::data::{scene_seed, Scene, SceneConfig, Split};
 use crate::model::encoder::position_grid;
 use crate::model::pipeline::SlotDiffusion;
-use crate::ops::softmax_last_dim;
 
 /// Weight of the commitment term (`beta` of the official quantizer).
 pub const COMMITMENT: f64 = 0.25;
@@ -106,9 +105,9 @@ pub fn restarted_codebook(
 /// masks (no VQ-VAE, no UNet).
 pub fn slot_loss(model: &SlotDiffusion, images: &Tensor, aux: &AuxDecoder) -> Result<Tensor> {
     let features = model.encoder().forward(images)?;
-    let (slots, _) = model.slot_attention().forward(&features, None)?;
+    let (slots, masks) = model.slot_attention().forward(&features, None)?;
     let grid = model.encoder().grid(images.dim(2)?, images.dim(3)?);
-    aux.loss(&slots, images, grid)
+    aux.loss(&slots, &masks, images, grid)
 }
 
 /// What stage 2 computes on a batch.
@@ -133,7 +132,7 @@ pub fn diffusion_losses(
     let x0 = model.vqvae().encode(images)?.detach();
     let (b, c, h, w) = x0.dims4()?;
     let features = model.encoder().forward(images)?;
-    let (slots, _) = model.slot_attention().forward(&features, None)?;
+    let (slots, masks) = model.slot_attention().forward(&features, None)?;
     let schedule = model.schedule();
     let steps: Vec<usize> = (0..b).map(|_| rng.random_range(0..schedule.timesteps())).collect();
     let noise: Vec<f32> = (0..b * c * h * w).map(|_| StandardNormal.sample(rng)).collect();
@@ -150,79 +149,56 @@ pub fn diffusion_losses(
     let aux = match aux {
         Some(decoder) => {
             let grid = model.encoder().grid(images.dim(2)?, images.dim(3)?);
-            Some(decoder.loss(&slots, images, grid)?)
+            Some(decoder.loss(&slots, &masks, images, grid)?)
         }
         None => None,
     };
     Ok(DiffusionLosses { denoise, aux })
 }
 
-/// Width of the auxiliary decoder's hidden layers.
-const AUX_HIDDEN: usize = 64;
-
-/// The auxiliary decoder that makes objects separate early: a spatial broadcast decoder. Each
-/// slot is decoded at every cell of the feature grid, from the slot and the cell's position,
-/// into a colour and an alpha logit; the alphas compete across slots (softmax) and the mixture
-/// must match the image average-pooled to the grid. To win the cells of an object a slot must
-/// encode where the object is and what shape it has, which favours one object per slot (a
-/// slot holding two same-coloured objects far apart would have to draw both). Its gradient
-/// reaches the encoder and Slot Attention through the slots only; it is not part of the
-/// served model.
+/// A cheap auxiliary decoder that helps objects separate early: each slot predicts an affine
+/// colour field (3 colours × [1, x, y]) and the image at the feature-grid resolution is the
+/// slot-attention-mask-weighted sum of the fields. Its gradient reaches the encoder and Slot
+/// Attention only through slots and masks; it is not part of the served model.
 #[derive(Debug, Clone)]
 pub struct AuxDecoder {
-    /// Slot → first hidden layer (the slot's share, the same at every cell).
-    slot_in: Linear,
-    /// Cell position (x, y in [−1, 1]) → first hidden layer (its share, the same for every slot).
-    position_in: Linear,
-    hidden: Linear,
-    /// → colour (3) and alpha logit (1).
-    out: Linear,
+    head: Linear,
 }
 
 impl AuxDecoder {
     /// The decoder for slots of width `slot_size`, variables under `vb` (e.g. `aux`).
     ///
-    /// The output layer starts at zero, so the first reconstructions are flat black with
-    /// uniform alphas: with random weights, large first outputs give a huge first loss that
-    /// drives the encoder's features to a constant, after which every slot attends uniformly
-    /// and never recovers.
+    /// The head starts at zero, so the first fields are flat black: with random weights the
+    /// fields of raw slots are large, and the first steps' huge loss drives the encoder's
+    /// features to a constant, after which every slot attends uniformly and never recovers.
     pub fn new(vb: VarBuilder, slot_size: usize) -> Result<Self> {
-        let vb = vb.pp("broadcast");
-        let zero = candle_nn::Init::Const(0.0);
-        let out = Linear::new(
-            vb.get_with_hints((4, AUX_HIDDEN), "out.weight", zero)?,
-            Some(vb.get_with_hints(4, "out.bias", zero)?),
-        );
-        Ok(Self {
-            slot_in: candle_nn::linear(slot_size, AUX_HIDDEN, vb.pp("slot_in"))?,
-            position_in: candle_nn::linear_no_bias(2, AUX_HIDDEN, vb.pp("position_in"))?,
-            hidden: candle_nn::linear(AUX_HIDDEN, AUX_HIDDEN, vb.pp("hidden"))?,
-            out,
-        })
+        let vb = vb.pp("color");
+        let weight = vb.get_with_hints((9, slot_size), "weight", candle_nn::Init::Const(0.0))?;
+        let bias = vb.get_with_hints(9, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(Self { head: Linear::new(weight, Some(bias)) })
     }
 
-    /// MSE between the decoded mixture and the images average-pooled to `grid`.
-    /// `slots` [B, K, D], `images` [B, 3, H, W].
-    pub fn loss(&self, slots: &Tensor, images: &Tensor, grid: (usize, usize)) -> Result<Tensor> {
+    /// MSE between the mixture of colour fields and the images average-pooled to `grid`.
+    /// `slots` [B, K, D], `masks` [B, K, N] (N = grid cells), `images` [B, 3, H, W].
+    pub fn loss(
+        &self,
+        slots: &Tensor,
+        masks: &Tensor,
+        images: &Tensor,
+        grid: (usize, usize),
+    ) -> Result<Tensor> {
+        let (b, k, _) = slots.dims3()?;
         let (_, _, h, w) = images.dims4()?;
         let target = images.avg_pool2d((h / grid.0, w / grid.1))?; // [B, 3, gh, gw]
         let target = target.flatten_from(2)?.transpose(1, 2)?; // [B, N, 3]
-                                                               // cell positions [N, 2], x and y in [-1, 1]
+        let n = grid.0 * grid.1;
+        // basis [N, 3]: 1, x, y with x, y in [-1, 1]
         let pos = position_grid(grid.0, grid.1, images.device())?.to_dtype(DType::F32)?;
         let yx = ((pos.narrow(1, 0, 2)? * 2.0)? - 1.0)?;
-        let first = self
-            .slot_in
-            .forward(slots)?
-            .unsqueeze(2)? // [B, K, 1, H]
-            .broadcast_add(&self.position_in.forward(&yx)?)? // [B, K, N, H]
-            .relu()?;
-        let decoded = self.out.forward(&self.hidden.forward(&first)?.relu()?)?; // [B, K, N, 4]
-        let colours = decoded.narrow(D::Minus1, 0, 3)?;
-        let logits = decoded.narrow(D::Minus1, 3, 1)?.squeeze(D::Minus1)?; // [B, K, N]
-        let alphas = softmax_last_dim(&logits.transpose(1, 2)?.contiguous()?)? // [B, N, K]
-            .transpose(1, 2)?
-            .unsqueeze(D::Minus1)?; // [B, K, N, 1]
-        let mixed = colours.broadcast_mul(&alphas)?.sum(1)?; // [B, N, 3]
+        let basis = Tensor::cat(&[Tensor::ones((n, 1), DType::F32, images.device())?, yx], 1)?;
+        let params = self.head.forward(slots)?.reshape((b, k, 3, 3))?; // [B, K, basis, rgb]
+        let fields = basis.broadcast_left((b, k))?.contiguous()?.matmul(&params)?; // [B, K, N, 3]
+        let mixed = fields.broadcast_mul(&masks.unsqueeze(D::Minus1)?)?.sum(1)?; // [B, N, 3]
         (mixed - target)?.sqr()?.mean_all()
     }
 }

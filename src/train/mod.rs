@@ -151,7 +151,7 @@ pub struct TrainOptions {
     pub warmup: u64,
     /// Global gradient-norm clipping (0: none).
     pub clip: f64,
-    /// Weight of the auxiliary reconstruction in stage 2 (0: denoising only).
+    /// Weight of the auxiliary colour-field reconstruction in stage 2 (0: denoising only).
     pub aux_weight: f64,
 }
 
@@ -483,7 +483,7 @@ pub struct TrainArgs {
     /// Global gradient-norm clipping (0: none).
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
-    /// Weight of the auxiliary reconstruction in stage 2 (0: denoising only).
+    /// Weight of the auxiliary colour-field reconstruction in stage 2 (0: denoising only).
     #[arg(long, default_value_t = 1.0)]
     pub aux_weight: f64,
     /// The encoder of the default model.

@@ -473,6 +473,15 @@ fn attention_with_gradients_takes_the_differentiable_path() {
     let got = gradients(&v, &[], |v| ops::attention(&q, &k, v, 0.3, None).unwrap());
     let want = gradients(&v, &[], |v| ops::attention_reference(&q, &k, v, 0.3, None).unwrap());
     assert_close("attention dvalues", &got[0], &want[0]);
+    // queries and keys get their gradients through the softmax, as in the composed form
+    let keys = candle_core::Var::from_tensor(&k).unwrap();
+    let got = gradients(&q, &[&keys], |q| ops::attention(q, &keys, &v, 0.3, None).unwrap());
+    let want = gradients(&q, &[&keys], |q| {
+        let scores = (q.matmul(&keys.t().unwrap()).unwrap() * 0.3).unwrap();
+        candle_nn::ops::softmax(&scores, D::Minus1).unwrap().matmul(&v).unwrap()
+    });
+    assert_close("attention dqueries", &got[0], &want[0]);
+    assert_close("attention dkeys", &got[1], &want[1]);
 }
 
 #[test]

@@ -77,11 +77,13 @@ pub fn attention_reference(
         let bias = key_bias(m, batch, keys)?.to_dtype(scores.dtype())?;
         scores = scores.broadcast_add(&bias.reshape((batch, 1, 1, keys))?)?;
     }
+    // ours, not candle's fused softmax: that one has no backward pass, and through it the
+    // queries and keys of every attention layer would never learn
     let weights = match scores.dtype() {
         DType::F16 | DType::BF16 => {
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
+            super::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
         }
-        _ => candle_nn::ops::softmax_last_dim(&scores)?,
+        _ => super::softmax_last_dim(&scores)?,
     };
     weights.matmul(&v.contiguous()?)
 }

@@ -40,7 +40,7 @@ pub fn convert(
 /// Writes a model with reproducible random weights (`seed`) in the configuration `config`.
 pub fn init(config: &ModelConfig, seed: u64, out: &Path) -> anyhow::Result<()> {
     let vars = VarMap::new();
-    SlotDiffusion::random(config, seed, &vars, &Device::Cpu)?;
+    SlotDiffusion::trainable(config, seed, &vars, &Device::Cpu)?;
     std::fs::create_dir_all(out)?;
     config.save(&out.join(CONFIG_FILE))?;
     vars.save(out.join(WEIGHTS_FILE))?;

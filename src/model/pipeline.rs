@@ -154,8 +154,8 @@ impl SlotDiffusion {
         Ok(model)
     }
 
-    /// A model to train: reproducible random weights from `seed` as variables of `vars`
-    /// (values already in `vars` are kept), so that gradients reach them.
+    /// A model to train (or to save, as `init` does): reproducible random weights from `seed`
+    /// as variables of `vars` (values already in `vars` are kept), so that gradients reach them.
     pub fn trainable(
         config: &ModelConfig,
         seed: u64,
@@ -166,7 +166,7 @@ impl SlotDiffusion {
         Self::new(vb, config.clone(), format!("random-{seed:016x}"))
     }
 
-    /// A model to run (benchmarks, tests, `init`): the weights of [`Self::trainable`] as
+    /// A model to run (benchmarks, tests): the weights of [`Self::trainable`] as
     /// constants, as a loaded checkpoint holds them, and recorded in `vars` too. Variables
     /// would send every layer down its differentiable path: slower, and with results that
     /// depend on the batch around a sample.

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 /// A 2-D convolution, loaded like [`candle_nn::conv2d`] (same `weight`/`bias` keys and shapes).
@@ -221,28 +221,4 @@ impl ConvKernel {
     }
 }
 
-impl CustomOp1 for ConvKernel {
-    fn name(&self) -> &'static str {
-        "slotserve-conv2d"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.run((storage, layout), None)
-    }
-}
-
-impl CustomOp2 for ConvKernel {
-    fn name(&self) -> &'static str {
-        "slotserve-conv2d-residual"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        residual: &CpuStorage,
-        residual_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run((x, x_layout), Some((residual, residual_layout)))
-    }
-}
+plain_and_residual_ops!(ConvKernel, "slotserve-conv2d");

@@ -1,6 +1,6 @@
 //! [`GroupNorm`]: `candle_nn::GroupNorm`'s weights, with SiLU and a per-channel shift fused in.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 /// Group normalisation over `[batch, channels, ...]`, loaded like [`candle_nn::group_norm`].
@@ -203,28 +203,4 @@ impl NormOp<'_> {
     }
 }
 
-impl CustomOp1 for NormOp<'_> {
-    fn name(&self) -> &'static str {
-        "slotserve-group-norm"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.run((storage, layout), None)
-    }
-}
-
-impl CustomOp2 for NormOp<'_> {
-    fn name(&self) -> &'static str {
-        "slotserve-group-norm-residual"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        residual: &CpuStorage,
-        residual_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run((x, x_layout), Some((residual, residual_layout)))
-    }
-}
+plain_and_residual_ops!(NormOp<'_>, "slotserve-group-norm");

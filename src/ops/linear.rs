@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Module, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// A fully connected layer over the last dimension, loaded like [`candle_nn::linear`] (same
@@ -167,28 +167,4 @@ impl LinearKernel {
     }
 }
 
-impl CustomOp1 for LinearKernel {
-    fn name(&self) -> &'static str {
-        "slotserve-linear"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.run((storage, layout), None)
-    }
-}
-
-impl CustomOp2 for LinearKernel {
-    fn name(&self) -> &'static str {
-        "slotserve-linear-residual"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        residual: &CpuStorage,
-        residual_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run((x, x_layout), Some((residual, residual_layout)))
-    }
-}
+plain_and_residual_ops!(LinearKernel, "slotserve-linear");

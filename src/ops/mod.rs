@@ -14,6 +14,43 @@
 //! rayon over the global pool). Any other device, dtype or CPU takes the plain candle path, as
 //! does everything when `SLOTSERVE_PLAIN_OPS=1` (for A/B timing and debugging).
 
+/// Implements candle's `CustomOp1` (the kernel alone, named `$name`) and `CustomOp2` (plus a
+/// residual added to the output, named `$name-residual`) for a kernel type whose inherent
+/// `run(x, residual)` does both.
+macro_rules! plain_and_residual_ops {
+    ($kernel:ty, $name:literal) => {
+        impl candle_core::CustomOp1 for $kernel {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                storage: &candle_core::CpuStorage,
+                layout: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                self.run((storage, layout), None)
+            }
+        }
+
+        impl candle_core::CustomOp2 for $kernel {
+            fn name(&self) -> &'static str {
+                concat!($name, "-residual")
+            }
+
+            fn cpu_fwd(
+                &self,
+                x: &candle_core::CpuStorage,
+                x_layout: &candle_core::Layout,
+                residual: &candle_core::CpuStorage,
+                residual_layout: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                self.run((x, x_layout), Some((residual, residual_layout)))
+            }
+        }
+    };
+}
+
 mod activation;
 mod attention;
 mod conv;

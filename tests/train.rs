@@ -48,6 +48,8 @@ fn options(slot_steps: u64, vqvae_steps: u64, steps: u64) -> TrainOptions {
         warmup: 0,
         clip: 1.0,
         aux_weight: 1.0,
+        mask_weight: 0.0,
+        init_from: None,
     }
 }
 
@@ -76,6 +78,13 @@ fn training_steps_reduce_the_loss_on_a_fixed_batch() {
     let slots: Vec<f64> = (0..10).map(|_| t.step_on(&images).unwrap().main).collect();
     println!("curriculum losses: {slots:?}");
     assert!(slots[9] < 0.8 * slots[0], "curriculum loss did not fall: {slots:?}");
+
+    // with mask supervision the curriculum also learns the generator's objects
+    let supervised = TrainOptions { mask_weight: 1.0, ..options(10, 0, 0) };
+    let mut t = Trainer::new(tiny_config(), supervised, tiny_scenes(), &Device::Cpu).unwrap();
+    let masks: Vec<f64> = (0..10).map(|_| t.step_on(&images).unwrap().masks).collect();
+    println!("mask supervision losses: {masks:?}");
+    assert!(masks[9] < 0.8 * masks[0], "mask loss did not fall: {masks:?}");
 }
 
 #[test]
@@ -129,7 +138,7 @@ fn codebook_restarts_move_unused_codes_onto_latents() {
     let t = trainer(0, 1, 0);
     let images = scene_batch(&tiny_scenes(), 0, 2, &Device::Cpu).unwrap();
     let codebook = candle_core::Tensor::randn(0f32, 1.0, (64, 3), &Device::Cpu).unwrap();
-    let losses = vqvae_losses(t.model(), &codebook, &images).unwrap();
+    let losses = vqvae_losses(t.model(), &codebook, &images.images).unwrap();
     let restarted = restarted_codebook(&codebook, &losses, &mut step_rng(0, 0)).unwrap();
     let (old, new) = (codebook.to_vec2::<f32>().unwrap(), restarted.to_vec2::<f32>().unwrap());
     let latents = losses.latents.to_vec2::<f32>().unwrap();

@@ -1,5 +1,6 @@
 //! The training losses: the VQ-VAE's (stage 1), the latent denoising loss of SlotDiffusion
-//! (stage 2) and a cheap auxiliary reconstruction from slots and masks (stage 2, optional).
+//! (stage 2) and the optional auxiliaries on slots and masks: a cheap colour-field
+//! reconstruction and the instance-mask supervision of [`supervision`].
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
@@ -10,6 +11,7 @@ use rand_distr::{Distribution, StandardNormal};
 use crate::data::{scene_seed, Scene, SceneConfig, Split};
 use crate::model::encoder::position_grid;
 use crate::model::pipeline::SlotDiffusion;
+use crate::train::supervision;
 
 /// Weight of the commitment term (`beta` of the official quantizer).
 pub const COMMITMENT: f64 = 0.25;
@@ -17,14 +19,31 @@ pub const COMMITMENT: f64 = 0.25;
 /// Prefix of the auxiliary decoder's variables: trained beside the model, never served.
 pub const AUX_PREFIX: &str = "aux";
 
-/// Images [B, 3, H, W] in [-1, 1] of the training scenes `first..first + batch`.
-pub fn scene_batch(cfg: &SceneConfig, first: u64, batch: usize, device: &Device) -> Result<Tensor> {
+/// A batch of training scenes.
+#[derive(Debug, Clone)]
+pub struct SceneBatch {
+    /// Images [B, 3, H, W] in [-1, 1].
+    pub images: Tensor,
+    /// Each scene's label map [H, W] (0 = background), for mask supervision.
+    pub labels: Vec<Vec<u32>>,
+}
+
+/// The training scenes `first..first + batch`.
+pub fn scene_batch(
+    cfg: &SceneConfig,
+    first: u64,
+    batch: usize,
+    device: &Device,
+) -> Result<SceneBatch> {
     let mut data = Vec::with_capacity(batch * 3 * cfg.width * cfg.height);
+    let mut labels = Vec::with_capacity(batch);
     for i in 0..batch as u64 {
-        let scene = Scene::generate(cfg, scene_seed(Split::Train, first + i));
-        data.extend(scene.render().image_chw().into_iter().map(|v| v * 2.0 - 1.0));
+        let rendered = Scene::generate(cfg, scene_seed(Split::Train, first + i)).render();
+        data.extend(rendered.image_chw().into_iter().map(|v| v * 2.0 - 1.0));
+        labels.push(rendered.labels);
     }
-    Tensor::from_vec(data, (batch, 3, cfg.height, cfg.width), device)
+    let images = Tensor::from_vec(data, (batch, 3, cfg.height, cfg.width), device)?;
+    Ok(SceneBatch { images, labels })
 }
 
 /// The random numbers of one training step, all drawn from `rng`.
@@ -101,13 +120,57 @@ pub fn restarted_codebook(
     Tensor::from_vec(book, (n, c), codebook.device())?.to_dtype(codebook.dtype())
 }
 
-/// The curriculum stage's loss: the auxiliary reconstruction from the image's own slots and
-/// masks (no VQ-VAE, no UNet).
-pub fn slot_loss(model: &SlotDiffusion, images: &Tensor, aux: &AuxDecoder) -> Result<Tensor> {
-    let features = model.encoder().forward(images)?;
+/// Which auxiliary losses of the grouping (slots and masks) a step computes.
+#[derive(Debug, Clone, Copy)]
+pub struct Auxiliaries<'a> {
+    /// The colour-field reconstruction, through this decoder.
+    pub colour: Option<&'a AuxDecoder>,
+    /// The instance-mask supervision ([`supervision::mask_loss`]).
+    pub masks: bool,
+}
+
+/// The auxiliary losses of one batch's grouping; `None` where not asked for.
+#[derive(Debug)]
+pub struct GroupingLosses {
+    /// The colour-field reconstruction MSE.
+    pub colour: Option<Tensor>,
+    /// The matched mask cross-entropy.
+    pub masks: Option<Tensor>,
+}
+
+impl GroupingLosses {
+    /// The auxiliary losses of `slots` [B, K, D] and `masks` [B, K, N] on `batch`.
+    fn of(
+        model: &SlotDiffusion,
+        batch: &SceneBatch,
+        slots: &Tensor,
+        masks: &Tensor,
+        aux: Auxiliaries,
+    ) -> Result<Self> {
+        let (_, _, h, w) = batch.images.dims4()?;
+        let grid = model.encoder().grid(h, w);
+        let colour = match aux.colour {
+            Some(decoder) => Some(decoder.loss(slots, masks, &batch.images, grid)?),
+            None => None,
+        };
+        let masks = match aux.masks {
+            true => Some(supervision::mask_loss(masks, &batch.labels, (h, w), grid)?),
+            false => None,
+        };
+        Ok(Self { colour, masks })
+    }
+}
+
+/// The curriculum stage's losses: the auxiliaries on the image's own slots and masks (no
+/// VQ-VAE, no UNet).
+pub fn slot_losses(
+    model: &SlotDiffusion,
+    batch: &SceneBatch,
+    aux: Auxiliaries,
+) -> Result<GroupingLosses> {
+    let features = model.encoder().forward(&batch.images)?;
     let (slots, masks) = model.slot_attention().forward(&features, None)?;
-    let grid = model.encoder().grid(images.dim(2)?, images.dim(3)?);
-    aux.loss(&slots, &masks, images, grid)
+    GroupingLosses::of(model, batch, &slots, &masks, aux)
 }
 
 /// What stage 2 computes on a batch.
@@ -115,19 +178,20 @@ pub fn slot_loss(model: &SlotDiffusion, images: &Tensor, aux: &AuxDecoder) -> Re
 pub struct DiffusionLosses {
     /// The official denoising loss: MSE between the UNet's ε and the true noise.
     pub denoise: Tensor,
-    /// The auxiliary reconstruction MSE, when an auxiliary decoder is given.
-    pub aux: Option<Tensor>,
+    /// The auxiliary losses on the same slots and masks.
+    pub grouping: GroupingLosses,
 }
 
 /// `LDM.loss_function`: x0 = VQ-VAE latent (no gradient), per-sample t uniform in
 /// [0, T), x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε, loss = MSE(UNet(x_t, t, slots), ε); slots from
-/// the image's own encoding. With `aux`, also the auxiliary loss on the same slots and masks.
+/// the image's own encoding; also the asked-for auxiliary losses on the same slots and masks.
 pub fn diffusion_losses(
     model: &SlotDiffusion,
-    images: &Tensor,
-    aux: Option<&AuxDecoder>,
+    batch: &SceneBatch,
+    aux: Auxiliaries,
     rng: &mut ChaCha8Rng,
 ) -> Result<DiffusionLosses> {
+    let images = &batch.images;
     let device = images.device();
     let x0 = model.vqvae().encode(images)?.detach();
     let (b, c, h, w) = x0.dims4()?;
@@ -146,14 +210,8 @@ pub fn diffusion_losses(
     let t = Tensor::from_vec(steps.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, device)?;
     let eps = model.unet().forward(&x_t, &t, &slots)?;
     let denoise = (eps - noise)?.sqr()?.mean_all()?;
-    let aux = match aux {
-        Some(decoder) => {
-            let grid = model.encoder().grid(images.dim(2)?, images.dim(3)?);
-            Some(decoder.loss(&slots, &masks, images, grid)?)
-        }
-        None => None,
-    };
-    Ok(DiffusionLosses { denoise, aux })
+    let grouping = GroupingLosses::of(model, batch, &slots, &masks, aux)?;
+    Ok(DiffusionLosses { denoise, grouping })
 }
 
 /// A cheap auxiliary decoder that helps objects separate early: each slot predicts an affine

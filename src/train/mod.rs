@@ -7,6 +7,9 @@
 //! in the paper, `vqvae_steps` train the VQ-VAE alone (reconstruction MSE + quantization
 //! loss, unused codes restarted), and the final `steps` train encoder, Slot Attention and
 //! UNet with the latent denoising loss on the frozen VQ-VAE (plus the auxiliary loss).
+//! With `mask_weight > 0` the curriculum and stage 2 also supervise Slot Attention's masks
+//! with the generator's instance masks ([`supervision`]); a run can start from another
+//! run's variables (`init_from`), e.g. to reuse its trained VQ-VAE.
 //!
 //! Every random number of step `s` comes from a ChaCha8 stream derived from (seed, s), and
 //! the scenes of step `s` are the training scenes from `s·max(B, B_slots)` on, so a
@@ -15,6 +18,7 @@
 pub mod evaluate;
 pub mod losses;
 pub mod optim;
+pub mod supervision;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -42,8 +46,8 @@ use crate::model::vit::ViTConfig;
 use crate::model::vqvae::VqVaeConfig;
 pub use evaluate::{eval, EvalArgs};
 use losses::{
-    diffusion_losses, restarted_codebook, scene_batch, slot_loss, step_rng, vqvae_losses,
-    AuxDecoder, AUX_PREFIX, RESTART_EVERY,
+    diffusion_losses, restarted_codebook, scene_batch, slot_losses, step_rng, vqvae_losses,
+    AuxDecoder, Auxiliaries, GroupingLosses, SceneBatch, AUX_PREFIX, RESTART_EVERY,
 };
 use optim::{Adam, AdamConfig};
 
@@ -153,6 +157,14 @@ pub struct TrainOptions {
     pub clip: f64,
     /// Weight of the auxiliary colour-field reconstruction in stage 2 (0: denoising only).
     pub aux_weight: f64,
+    /// Weight of the instance-mask supervision in the curriculum and stage 2 (0: none, the
+    /// paper's unsupervised grouping).
+    #[serde(default)]
+    pub mask_weight: f64,
+    /// The checkpoint folder of another run whose variables this run starts from (same
+    /// model configuration), instead of seeded random ones.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
 }
 
 impl TrainOptions {
@@ -178,6 +190,25 @@ impl TrainOptions {
         } else {
             Stage::Diffusion
         }
+    }
+
+    /// The auxiliaries stage `stage` computes (the curriculum always reconstructs colours).
+    fn auxiliaries<'a>(&self, stage: Stage, colour: &'a AuxDecoder) -> Auxiliaries<'a> {
+        let colour = (stage == Stage::Slots || self.aux_weight > 0.0).then_some(colour);
+        Auxiliaries { colour, masks: self.mask_weight > 0.0 }
+    }
+
+    /// `base` plus the weighted auxiliary losses (the curriculum's colour term at weight 1).
+    fn total_loss(&self, base: Option<Tensor>, aux: &GroupingLosses) -> anyhow::Result<Tensor> {
+        let colour_weight = if base.is_some() { self.aux_weight } else { 1.0 };
+        let terms = [
+            base,
+            aux.colour.as_ref().map(|c| c * colour_weight).transpose()?,
+            aux.masks.as_ref().map(|m| m * self.mask_weight).transpose()?,
+        ];
+        let mut terms = terms.into_iter().flatten();
+        let first = terms.next().context("a step with no loss")?;
+        Ok(terms.try_fold(first, |sum, t| sum + t)?)
     }
 
     fn adam(&self, stage: Stage) -> AdamConfig {
@@ -221,10 +252,12 @@ pub struct StepStats {
     pub stage: Stage,
     /// The optimised loss.
     pub loss: f64,
-    /// Curriculum: auxiliary loss; stage 1: reconstruction MSE; stage 2: the denoising loss.
+    /// Curriculum: colour-field loss; stage 1: reconstruction MSE; stage 2: the denoising loss.
     pub main: f64,
-    /// Curriculum: 0; stage 1: quantization loss; stage 2: auxiliary loss.
+    /// Curriculum: 0; stage 1: quantization loss; stage 2: colour-field loss.
     pub extra: f64,
+    /// The mask supervision loss (unweighted; 0 when off or in stage 1).
+    pub masks: f64,
     /// Stage 1: codebook entries used by the batch; stage 2: 0.
     pub codes: usize,
     /// Gradient norm before clipping.
@@ -270,6 +303,13 @@ impl Trainer {
         let stage = options.stage_at(0);
         let optim = Adam::new(trained_vars(&vars, stage), options.adam(stage))?;
         Ok(Self { model, vars, aux, optim, stage, step: 0, options, scenes })
+    }
+
+    /// Replaces every variable with its value in the checkpoint folder `dir` of another run
+    /// of the same configuration (the step counter and optimizer stay fresh).
+    pub fn initialise_from(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let path = dir.join(VARS_FILE);
+        self.vars.load(&path).with_context(|| format!("cannot start from {}", path.display()))
     }
 
     /// Continues the run saved in `dir` exactly where it stopped.
@@ -349,13 +389,13 @@ impl Trainer {
     pub fn step(&mut self) -> anyhow::Result<StepStats> {
         let batch = self.options.batch_at(self.options.stage_at(self.step));
         let stride = self.options.batch.max(self.options.slot_batch) as u64;
-        let images = scene_batch(&self.scenes, self.step * stride, batch, self.model.device())?;
-        self.step_on(&images)
+        let scenes = scene_batch(&self.scenes, self.step * stride, batch, self.model.device())?;
+        self.step_on(&scenes)
     }
 
-    /// Takes the next step on the given images [B, 3, H, W] in [-1, 1] (tests use a fixed
-    /// batch); the step's random numbers still come from (seed, step).
-    pub fn step_on(&mut self, images: &Tensor) -> anyhow::Result<StepStats> {
+    /// Takes the next step on the given scenes (tests use a fixed batch); the step's random
+    /// numbers still come from (seed, step).
+    pub fn step_on(&mut self, scenes: &SceneBatch) -> anyhow::Result<StepStats> {
         let stage = self.options.stage_at(self.step);
         if stage != self.stage {
             self.stage = stage;
@@ -363,33 +403,29 @@ impl Trainer {
         }
         let mut rng = step_rng(self.options.seed, self.step);
         let mut restart = None;
-        let (loss, main, extra, codes) = match stage {
+        let aux = self.options.auxiliaries(stage, &self.aux);
+        let value = |t: &Option<Tensor>| t.as_ref().map_or(Ok(0.0), scalar);
+        let (loss, main, extra, masks, codes) = match stage {
             Stage::Slots => {
-                let aux = slot_loss(&self.model, images, &self.aux)?;
-                let a = scalar(&aux)?;
-                (aux, a, 0.0, 0)
+                let l = slot_losses(&self.model, scenes, aux)?;
+                let loss = self.options.total_loss(None, &l)?;
+                (loss, value(&l.colour)?, 0.0, value(&l.masks)?, 0)
             }
             Stage::VqVae => {
                 let codebook = self.codebook()?;
-                let l = vqvae_losses(&self.model, &codebook, images)?;
+                let l = vqvae_losses(&self.model, &codebook, &scenes.images)?;
                 let (r, q) = (scalar(&l.recon)?, scalar(&l.quant)?);
                 let codes = l.used.len();
                 if (self.step + 1).is_multiple_of(RESTART_EVERY) {
                     restart = Some(restarted_codebook(&codebook, &l, &mut rng)?);
                 }
-                ((l.recon + l.quant)?, r, q, codes)
+                ((l.recon + l.quant)?, r, q, 0.0, codes)
             }
             Stage::Diffusion => {
-                let aux = (self.options.aux_weight > 0.0).then_some(&self.aux);
-                let l = diffusion_losses(&self.model, images, aux, &mut rng)?;
+                let l = diffusion_losses(&self.model, scenes, aux, &mut rng)?;
                 let d = scalar(&l.denoise)?;
-                match l.aux {
-                    Some(a) => {
-                        let av = scalar(&a)?;
-                        ((l.denoise + (a * self.options.aux_weight)?)?, d, av, 0)
-                    }
-                    None => (l.denoise, d, 0.0, 0),
-                }
+                let (c, m) = (value(&l.grouping.colour)?, value(&l.grouping.masks)?);
+                (self.options.total_loss(Some(l.denoise), &l.grouping)?, d, c, m, 0)
             }
         };
         let grads = loss.backward()?;
@@ -403,6 +439,7 @@ impl Trainer {
             loss: scalar(&loss)?,
             main,
             extra,
+            masks,
             codes,
             grad_norm,
         };
@@ -486,6 +523,13 @@ pub struct TrainArgs {
     /// Weight of the auxiliary colour-field reconstruction in stage 2 (0: denoising only).
     #[arg(long, default_value_t = 1.0)]
     pub aux_weight: f64,
+    /// Weight of the instance-mask supervision of Slot Attention (0: unsupervised grouping).
+    #[arg(long, default_value_t = 0.0)]
+    pub mask_weight: f64,
+    /// Start from the variables of the run checkpointed in this folder (same model
+    /// configuration) instead of random ones, e.g. to reuse its trained VQ-VAE.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
     /// The encoder of the default model.
     #[arg(long, value_enum, default_value_t = EncoderKind::Vit)]
     pub encoder: EncoderKind,
@@ -520,6 +564,8 @@ impl TrainArgs {
             warmup: self.warmup,
             clip: self.clip,
             aux_weight: self.aux_weight,
+            mask_weight: self.mask_weight,
+            init_from: self.init_from.clone(),
         }
     }
 }
@@ -538,7 +584,11 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
             );
         }
         let config = default_config(args.encoder, args.unet_channels, args.vqvae_channels);
-        Trainer::new(config, args.options(), SceneConfig::default(), &device)?
+        let mut trainer = Trainer::new(config, args.options(), SceneConfig::default(), &device)?;
+        if let Some(dir) = &args.init_from {
+            trainer.initialise_from(dir)?;
+        }
+        trainer
     };
     std::fs::create_dir_all(&args.out)?;
     let mut log =
@@ -581,6 +631,9 @@ fn progress_line(stats: &StepStats, trainer: &Trainer, elapsed: f64, start_step:
     let eta = (total.saturating_sub(done) as f64 / rate.max(1e-9)) as u64;
     let codes = match stats.stage {
         Stage::VqVae => format!(" codes {}", stats.codes),
+        Stage::Slots | Stage::Diffusion if trainer.options().mask_weight > 0.0 => {
+            format!(" masks {:.4}", stats.masks)
+        }
         Stage::Slots | Stage::Diffusion => String::new(),
     };
     format!(

@@ -460,8 +460,26 @@ fn trainable_linear_and_norms_keep_candles_path() {
     let beta = candle_core::Var::from_tensor(&random(&[8], 905, 0.0, 0.3)).unwrap();
     let (gt, bt) = (gamma.as_tensor().clone(), beta.as_tensor().clone());
     let want = candle_nn::LayerNorm::new(gt.clone(), bt.clone(), 1e-5).forward(&x).unwrap();
-    let got = ops::LayerNorm::new(gt, bt, 1e-5).unwrap().forward(&x).unwrap();
-    assert_close("trainable layer norm value", &got, &want);
+    let ours = ops::LayerNorm::new(gt.clone(), bt.clone(), 1e-5).unwrap();
+    assert_close("trainable layer norm value", &ours.forward(&x).unwrap(), &want);
+    // ... and gradients reach its input, scale and offset (candle's fused layer-norm op has
+    // no backward: through it they silently stopped)
+    let got = gradients(&x, &[&gamma, &beta], |x| ours.forward(x).unwrap());
+    let want = gradients(&x, &[&gamma, &beta], |x| {
+        layer_norm_f64(x, &gt, &bt, 1e-5).to_dtype(DType::F32).unwrap()
+    });
+    for (what, (g, w)) in ["input", "scale", "offset"].iter().zip(got.iter().zip(&want)) {
+        assert_close(&format!("layer norm d{what}"), g, w);
+    }
+    // constant scale and offset, an input that carries gradients
+    let constant =
+        ops::LayerNorm::new(random(&[8], 906, 1.0, 0.3), random(&[8], 907, 0.0, 0.3), 1e-5)
+            .unwrap();
+    let got = gradients(&x, &[], |x| constant.forward(x).unwrap());
+    let (cw, cb) = (random(&[8], 906, 1.0, 0.3), random(&[8], 907, 0.0, 0.3));
+    let want =
+        gradients(&x, &[], |x| layer_norm_f64(x, &cw, &cb, 1e-5).to_dtype(DType::F32).unwrap());
+    assert_close("constant layer norm dinput", &got[0], &want[0]);
 }
 
 #[test]

@@ -7,7 +7,9 @@ use candle_nn::VarBuilder;
 /// [`candle_nn::layer_norm`] (`weight`, `bias`).
 ///
 /// f32 CPU inputs that need no gradients run one vectorised task per block of rows (candle's
-/// own kernel runs one thread with scalar loops); everything else, training included, runs
+/// own kernel runs one thread with scalar loops). Training (an input or a scale that tracks
+/// gradients) runs differentiable tensor ops: candle's fused layer-norm op has no backward, so
+/// through it gradients would silently stop at every LayerNorm. Everything else runs
 /// `candle_nn::LayerNorm` unchanged.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
@@ -41,8 +43,31 @@ impl LayerNorm {
     }
 }
 
+impl LayerNorm {
+    /// The normalisation from differentiable tensor ops: gradients reach the input, the scale
+    /// and the offset.
+    fn differentiable(&self, x: &Tensor) -> Result<Tensor> {
+        let n = x.dim(D::Minus1)? as f64;
+        let x = if self.inner.remove_mean() {
+            x.broadcast_sub(&(x.sum_keepdim(D::Minus1)? / n)?)?
+        } else {
+            x.clone()
+        };
+        let var = (x.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+        let y = x.broadcast_div(&(var + self.inner.eps())?.sqrt()?)?;
+        let y = y.broadcast_mul(self.inner.weight())?;
+        match self.inner.bias() {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+}
+
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() || self.inner.weight().track_op() {
+            return self.differentiable(x);
+        }
         match &self.affine {
             Some((gamma, beta))
                 if super::fast_path(x) && !x.track_op() && x.dim(D::Minus1)? == gamma.len() =>

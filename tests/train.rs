@@ -50,6 +50,7 @@ fn options(slot_steps: u64, vqvae_steps: u64, steps: u64) -> TrainOptions {
         aux_weight: 1.0,
         mask_weight: 0.0,
         init_from: None,
+        vqvae_from: None,
     }
 }
 
@@ -150,4 +151,48 @@ fn codebook_restarts_move_unused_codes_onto_latents() {
         }
     }
     assert!(losses.used.len() < old.len(), "the test needs unused codes");
+}
+
+#[test]
+fn a_run_starts_from_another_runs_variables_all_or_the_vqvae_only() {
+    let dir = std::env::temp_dir().join(format!("slotserve-train-init-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut source = trainer(1, 1, 0);
+    source.step().unwrap();
+    source.step().unwrap();
+    source.save(&dir).unwrap();
+    let export = |t: &Trainer, name: &str| {
+        let out = dir.join(name);
+        t.export(&out).unwrap();
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap()
+    };
+    let want = export(&source, "source");
+    let fresh = || {
+        let options = TrainOptions { seed: 11, ..options(0, 0, 1) };
+        Trainer::new(tiny_config(), options, tiny_scenes(), &Device::Cpu).unwrap()
+    };
+    let same = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+        a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+
+    let mut all = fresh();
+    all.initialise_from(&dir, "").unwrap();
+    for (name, got) in export(&all, "all") {
+        assert!(same(&got, &want[&name]), "{name} not taken from the source run");
+    }
+    let mut vq_only = fresh();
+    let before = export(&vq_only, "before");
+    vq_only.initialise_from(&dir, slotserve::config::VQVAE_PREFIX).unwrap();
+    let mut moved = 0;
+    for (name, got) in export(&vq_only, "vq") {
+        if name.starts_with(slotserve::config::VQVAE_PREFIX) {
+            assert!(same(&got, &want[&name]), "{name} not taken from the source run");
+            moved += usize::from(!same(&got, &before[&name]));
+        } else {
+            assert!(same(&got, &before[&name]), "{name} changed");
+        }
+    }
+    assert!(moved > 0, "the source's VQ-VAE equals a fresh one");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

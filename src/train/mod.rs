@@ -9,7 +9,7 @@
 //! UNet with the latent denoising loss on the frozen VQ-VAE (plus the auxiliary loss).
 //! With `mask_weight > 0` the curriculum and stage 2 also supervise Slot Attention's masks
 //! with the generator's instance masks ([`supervision`]); a run can start from another
-//! run's variables (`init_from`), e.g. to reuse its trained VQ-VAE.
+//! run's variables (`init_from`) and take another's trained VQ-VAE (`vqvae_from`).
 //!
 //! Every random number of step `s` comes from a ChaCha8 stream derived from (seed, s), and
 //! the scenes of step `s` are the training scenes from `s·max(B, B_slots)` on, so a
@@ -165,6 +165,10 @@ pub struct TrainOptions {
     /// model configuration), instead of seeded random ones.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
+    /// The checkpoint folder of a run whose VQ-VAE this run takes (after `init_from`): the
+    /// paper trains the VQ-VAE once and reuses it.
+    #[serde(default)]
+    pub vqvae_from: Option<PathBuf>,
 }
 
 impl TrainOptions {
@@ -305,11 +309,21 @@ impl Trainer {
         Ok(Self { model, vars, aux, optim, stage, step: 0, options, scenes })
     }
 
-    /// Replaces every variable with its value in the checkpoint folder `dir` of another run
-    /// of the same configuration (the step counter and optimizer stay fresh).
-    pub fn initialise_from(&mut self, dir: &Path) -> anyhow::Result<()> {
+    /// Replaces the variables whose names start with `prefix` (`""`: all of them) with their
+    /// values in the checkpoint folder `dir` of another run of the same configuration (the
+    /// step counter and optimizer stay fresh).
+    pub fn initialise_from(&mut self, dir: &Path, prefix: &str) -> anyhow::Result<()> {
         let path = dir.join(VARS_FILE);
-        self.vars.load(&path).with_context(|| format!("cannot start from {}", path.display()))
+        let saved = candle_core::safetensors::load(&path, self.model.device())
+            .with_context(|| format!("cannot start from {}", path.display()))?;
+        let data = self.vars.data().lock().map_err(|_| anyhow::anyhow!("var map poisoned"))?;
+        for (name, var) in data.iter().filter(|(name, _)| name.starts_with(prefix)) {
+            let value = saved
+                .get(name)
+                .with_context(|| format!("{} has no variable {name}", path.display()))?;
+            var.set(value).with_context(|| format!("variable {name} of {}", path.display()))?;
+        }
+        Ok(())
     }
 
     /// Continues the run saved in `dir` exactly where it stopped.
@@ -527,9 +541,13 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.0)]
     pub mask_weight: f64,
     /// Start from the variables of the run checkpointed in this folder (same model
-    /// configuration) instead of random ones, e.g. to reuse its trained VQ-VAE.
+    /// configuration) instead of random ones.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
+    /// Then take the VQ-VAE of the run checkpointed in this folder (e.g. to train stage 2 on
+    /// a VQ-VAE trained once, as the paper does).
+    #[arg(long)]
+    pub vqvae_from: Option<PathBuf>,
     /// The encoder of the default model.
     #[arg(long, value_enum, default_value_t = EncoderKind::Vit)]
     pub encoder: EncoderKind,
@@ -566,6 +584,7 @@ impl TrainArgs {
             aux_weight: self.aux_weight,
             mask_weight: self.mask_weight,
             init_from: self.init_from.clone(),
+            vqvae_from: self.vqvae_from.clone(),
         }
     }
 }
@@ -586,7 +605,10 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         let config = default_config(args.encoder, args.unet_channels, args.vqvae_channels);
         let mut trainer = Trainer::new(config, args.options(), SceneConfig::default(), &device)?;
         if let Some(dir) = &args.init_from {
-            trainer.initialise_from(dir)?;
+            trainer.initialise_from(dir, "")?;
+        }
+        if let Some(dir) = &args.vqvae_from {
+            trainer.initialise_from(dir, VQVAE_PREFIX)?;
         }
         trainer
     };

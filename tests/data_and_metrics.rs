@@ -372,15 +372,24 @@ fn kmeans_separates_two_colours() {
 fn baselines_and_table_on_scenes() {
     let rendered: Vec<Rendered> =
         held_out_scenes(&SceneConfig::default(), 8).iter().map(Scene::render).collect();
-    let reports = baseline_reports(&rendered, &KMeansConfig::default());
-    let (kmeans, one) = (&reports[0], &reports[1]);
-    assert_eq!((kmeans.scenes, one.scenes), (8, 8));
+    let reports = baseline_reports(&rendered, &KMeansConfig::default(), (16, 16)).unwrap();
+    let (kmeans, one, oracle) = (&reports[0], &reports[1], &reports[2]);
+    assert_eq!((kmeans.scenes, one.scenes, oracle.scenes), (8, 8, 8));
     assert_eq!(one.fg_ari.value(), Some(0.0));
     let k_ari = kmeans.fg_ari.value().unwrap();
     assert!(k_ari > 0.0 && k_ari < 1.0, "k-means FG-ARI {k_ari}");
+    // the truth pooled to a coarse grid loses only the edges; on a grid of single pixels
+    // nothing
+    let o_ari = oracle.fg_ari.value().unwrap();
+    assert!(o_ari > k_ari && o_ari < 1.0, "16×16 grid truth FG-ARI {o_ari}");
+    let exact = baseline_reports(&rendered, &KMeansConfig::default(), (64, 64)).unwrap();
+    for value in [exact[2].fg_ari.value(), exact[2].mbo.value()] {
+        assert!((value.unwrap() - 1.0).abs() < 1e-9, "1×1-pixel grid truth scores {value:?}");
+    }
     let table = format_table(&reports);
     assert!(table.contains("FG-ARI") && table.contains("one cluster"), "{table}");
-    assert_eq!(table.lines().count(), 3);
+    assert!(table.contains("truth on the 16×16 grid"), "{table}");
+    assert_eq!(table.lines().count(), 4);
 }
 
 #[test]

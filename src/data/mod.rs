@@ -22,7 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 pub use color::{Background, Hsv};
-pub use render::{label_map_image, palette_color, Rendered};
+pub use render::{cell_coverage, label_map_image, palette_color, Rendered};
 pub use shape::{Object, Shape};
 
 /// Placement attempts per object before the least-occluding attempt is kept.

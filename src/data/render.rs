@@ -74,3 +74,21 @@ pub fn label_map_image(labels: &[u32], width: usize, height: usize) -> RgbImage 
     let bytes = labels.iter().flat_map(|&id| palette_color(id)).collect();
     RgbImage::from_raw(width as u32, height as u32, bytes).expect("3 bytes per label")
 }
+
+/// The fraction of each feature cell that every id covers: `[ids][cells]` for a label map
+/// [H, W] (ids `0..=max id`) pooled onto a `grid` whose cells are whole pixel blocks.
+pub fn cell_coverage(labels: &[u32], size: (usize, usize), grid: (usize, usize)) -> Vec<Vec<f32>> {
+    let (h, w) = size;
+    let (gh, gw) = grid;
+    let (ch, cw) = (h / gh, w / gw);
+    let ids = labels.iter().max().map_or(1, |&m| m as usize + 1);
+    let mut coverage = vec![vec![0f32; gh * gw]; ids];
+    let share = 1.0 / (ch * cw) as f32;
+    for y in 0..gh * ch {
+        for x in 0..gw * cw {
+            let id = labels[y * w + x] as usize;
+            coverage[id][(y / ch) * gw + x / cw] += share;
+        }
+    }
+    coverage
+}

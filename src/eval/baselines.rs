@@ -1,9 +1,14 @@
-//! Segmentation baselines printed beside the model: k-means on pixel colours, and one cluster
-//! for everything.
+//! Segmentation baselines printed beside the model: k-means on pixel colours, one cluster for
+//! everything, and the ground truth as the model's feature grid can express it (the ceiling of
+//! masks made on that grid).
 
+use candle_core::{Device, Tensor};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+
+use crate::data::{cell_coverage, Rendered};
+use crate::model::slot_attention::{segmentation, upsample_masks};
 
 /// Settings of the k-means colour baseline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,4 +117,17 @@ pub fn kmeans_labels(image: &[u8], cfg: &KMeansConfig) -> Vec<u32> {
 /// The trivial baseline: every pixel in cluster 0.
 pub fn one_cluster_labels(num_pixels: usize) -> Vec<u32> {
     vec![0; num_pixels]
+}
+
+/// The ground truth as masks on a feature `grid` can express it: each id's coverage of the
+/// grid cells, upsampled bilinearly and argmaxed exactly as a model's Slot Attention masks
+/// are. No model with masks on that grid can score much above it.
+pub fn grid_oracle_labels(scene: &Rendered, grid: (usize, usize)) -> candle_core::Result<Vec<u32>> {
+    let size = (scene.height, scene.width);
+    let coverage = cell_coverage(&scene.labels, size, grid);
+    let ids = coverage.len();
+    let data: Vec<f32> = coverage.into_iter().flatten().collect();
+    let masks = Tensor::from_vec(data, (1, ids, grid.0 * grid.1), &Device::Cpu)?;
+    let masks = upsample_masks(&masks, grid, size)?;
+    segmentation(&masks)?.flatten_all()?.to_vec1::<u32>()
 }

@@ -12,7 +12,7 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use crate::data::{scene_seed, Rendered, Scene, SceneConfig, Split};
-use baselines::{kmeans_labels, one_cluster_labels, KMeansConfig};
+use baselines::{grid_oracle_labels, kmeans_labels, one_cluster_labels, KMeansConfig};
 use metrics::{masked_psnr, psnr, segmentation_scores, SegmentationScores, U8_RANGE};
 
 /// A running mean that skips missing values (`None`, NaN), like the official `np.nanmean`
@@ -122,15 +122,23 @@ pub fn held_out_scenes(cfg: &SceneConfig, count: usize) -> Vec<Scene> {
     (0..count as u64).map(|i| Scene::generate(cfg, scene_seed(Split::Eval, i))).collect()
 }
 
-/// The rows of the two baselines on rendered scenes: k-means on colours, one cluster.
-pub fn baseline_reports(scenes: &[Rendered], kmeans: &KMeansConfig) -> Vec<Report> {
+/// The rows of the baselines on rendered scenes: k-means on colours, one cluster, and the
+/// ground truth on the model's feature `grid` (its ceiling, see
+/// [`baselines::grid_oracle_labels`]).
+pub fn baseline_reports(
+    scenes: &[Rendered],
+    kmeans: &KMeansConfig,
+    grid: (usize, usize),
+) -> candle_core::Result<Vec<Report>> {
     let mut kmeans_row = Report::new(format!("k-means colours (k={})", kmeans.clusters));
     let mut one_row = Report::new("one cluster");
+    let mut oracle_row = Report::new(format!("truth on the {}×{} grid", grid.0, grid.1));
     for scene in scenes {
         kmeans_row.add_segmentation(&scene.labels, &kmeans_labels(&scene.image, kmeans));
         one_row.add_segmentation(&scene.labels, &one_cluster_labels(scene.labels.len()));
+        oracle_row.add_segmentation(&scene.labels, &grid_oracle_labels(scene, grid)?);
     }
-    vec![kmeans_row, one_row]
+    Ok(vec![kmeans_row, one_row, oracle_row])
 }
 
 /// The predicted id whose segment best overlaps (IoU) ground-truth id `id`: the slot to drop

@@ -69,7 +69,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
 }
 
 /// The model's report on `scenes` (batches of `batch`), followed by the k-means (k = the
-/// model's slot count) and one-cluster baselines. With `renders` (the base seed of the
+/// model's slot count), one-cluster and ground-truth-on-the-feature-grid baselines. With `renders` (the base seed of the
 /// renders' noise) it also scores reconstruction and removal; without, segmentation only.
 pub fn evaluate_scenes(
     model: &SlotDiffusion,
@@ -87,7 +87,11 @@ pub fn evaluate_scenes(
     }
     let kmeans = KMeansConfig { clusters: model.config().num_slots(), ..Default::default() };
     let mut reports = vec![report];
-    reports.extend(baseline_reports(&rendered, &kmeans));
+    let grid = match rendered.first() {
+        Some(r) => model.encoder().grid(r.height, r.width),
+        None => (1, 1),
+    };
+    reports.extend(baseline_reports(&rendered, &kmeans, grid)?);
     Ok(reports)
 }
 

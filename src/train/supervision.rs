@@ -9,28 +9,11 @@
 
 use candle_core::{Result, Tensor};
 
+use crate::data::cell_coverage;
 use crate::eval::metrics::linear_sum_assignment;
 
 /// Added to the masks before the logarithm, so empty cells of a slot cost a bounded amount.
 const LOG_FLOOR: f32 = 1e-6;
-
-/// The fraction of each feature cell that every id covers: `[ids][cells]` for a label map
-/// [H, W] (ids `0..=max id`) pooled onto a `grid` whose cells are whole pixel blocks.
-pub fn cell_coverage(labels: &[u32], size: (usize, usize), grid: (usize, usize)) -> Vec<Vec<f32>> {
-    let (h, w) = size;
-    let (gh, gw) = grid;
-    let (ch, cw) = (h / gh, w / gw);
-    let ids = labels.iter().max().map_or(1, |&m| m as usize + 1);
-    let mut coverage = vec![vec![0f32; gh * gw]; ids];
-    let share = 1.0 / (ch * cw) as f32;
-    for y in 0..gh * ch {
-        for x in 0..gw * cw {
-            let id = labels[y * w + x] as usize;
-            coverage[id][(y / ch) * gw + x / cw] += share;
-        }
-    }
-    coverage
-}
 
 /// The matched cross-entropy between Slot Attention masks `masks` [B, K, N] (normalised over
 /// slots) and the label maps `labels` (one [H, W] map of `size` per scene), averaged over
@@ -80,7 +63,8 @@ pub fn mask_loss(
 mod tests {
     use candle_core::{Device, Tensor};
 
-    use super::{cell_coverage, mask_loss};
+    use super::mask_loss;
+    use crate::data::cell_coverage;
 
     /// A 4×4 label map: background on the left half, object 1 top right, object 2 bottom right.
     fn labels() -> Vec<u32> {

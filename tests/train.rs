@@ -125,7 +125,7 @@ fn eval_runs_end_to_end_on_a_tiny_random_model() {
     let scenes: Vec<Scene> = slotserve::eval::held_out_scenes(&tiny_scenes(), 3);
     let reports = evaluate_scenes(t.model(), &scenes, 2, Some(0)).unwrap();
     println!("{}", slotserve::eval::format_table(&reports));
-    assert_eq!(reports.len(), 3);
+    assert_eq!(reports.len(), 4);
     let model = &reports[0];
     assert_eq!(model.scenes, 3);
     assert_eq!(model.psnr.count(), 3);

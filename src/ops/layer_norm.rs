@@ -41,9 +41,7 @@ impl LayerNorm {
         };
         Ok(Self { inner, affine })
     }
-}
 
-impl LayerNorm {
     /// The normalisation from differentiable tensor ops: gradients reach the input, the scale
     /// and the offset.
     fn differentiable(&self, x: &Tensor) -> Result<Tensor> {
@@ -65,13 +63,13 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() || self.inner.weight().track_op() {
+        let trained =
+            self.inner.weight().track_op() || self.inner.bias().is_some_and(Tensor::track_op);
+        if x.track_op() || trained {
             return self.differentiable(x);
         }
         match &self.affine {
-            Some((gamma, beta))
-                if super::fast_path(x) && !x.track_op() && x.dim(D::Minus1)? == gamma.len() =>
-            {
+            Some((gamma, beta)) if super::fast_path(x) && x.dim(D::Minus1)? == gamma.len() => {
                 let op = RowNorm { gamma, beta, eps: self.inner.eps() as f32 };
                 x.contiguous()?.apply_op1_no_bwd(&op)
             }

@@ -69,8 +69,9 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
 }
 
 /// The model's report on `scenes` (batches of `batch`), followed by the k-means (k = the
-/// model's slot count), one-cluster and ground-truth-on-the-feature-grid baselines. With `renders` (the base seed of the
-/// renders' noise) it also scores reconstruction and removal; without, segmentation only.
+/// model's slot count), one-cluster and ground-truth-on-the-feature-grid baselines. With
+/// `renders` (the base seed of the renders' noise) it also scores reconstruction and removal;
+/// without, segmentation only.
 pub fn evaluate_scenes(
     model: &SlotDiffusion,
     scenes: &[Scene],

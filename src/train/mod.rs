@@ -196,18 +196,31 @@ impl TrainOptions {
         }
     }
 
-    /// The auxiliaries stage `stage` computes (the curriculum always reconstructs colours).
+    /// Weight of the colour-field reconstruction in `stage`: 1 in the curriculum, where it is
+    /// the main loss, `aux_weight` beside the denoising loss.
+    fn colour_weight(&self, stage: Stage) -> f64 {
+        match stage {
+            Stage::Slots => 1.0,
+            Stage::VqVae | Stage::Diffusion => self.aux_weight,
+        }
+    }
+
+    /// The auxiliaries stage `stage` computes.
     fn auxiliaries<'a>(&self, stage: Stage, colour: &'a AuxDecoder) -> Auxiliaries<'a> {
-        let colour = (stage == Stage::Slots || self.aux_weight > 0.0).then_some(colour);
+        let colour = (self.colour_weight(stage) > 0.0).then_some(colour);
         Auxiliaries { colour, masks: self.mask_weight > 0.0 }
     }
 
-    /// `base` plus the weighted auxiliary losses (the curriculum's colour term at weight 1).
-    fn total_loss(&self, base: Option<Tensor>, aux: &GroupingLosses) -> anyhow::Result<Tensor> {
-        let colour_weight = if base.is_some() { self.aux_weight } else { 1.0 };
+    /// `base` (stage 2's denoising loss) plus the weighted auxiliary losses of `stage`.
+    fn total_loss(
+        &self,
+        stage: Stage,
+        base: Option<Tensor>,
+        aux: &GroupingLosses,
+    ) -> anyhow::Result<Tensor> {
         let terms = [
             base,
-            aux.colour.as_ref().map(|c| c * colour_weight).transpose()?,
+            aux.colour.as_ref().map(|c| c * self.colour_weight(stage)).transpose()?,
             aux.masks.as_ref().map(|m| m * self.mask_weight).transpose()?,
         ];
         let mut terms = terms.into_iter().flatten();
@@ -422,7 +435,7 @@ impl Trainer {
         let (loss, main, extra, masks, codes) = match stage {
             Stage::Slots => {
                 let l = slot_losses(&self.model, scenes, aux)?;
-                let loss = self.options.total_loss(None, &l)?;
+                let loss = self.options.total_loss(stage, None, &l)?;
                 (loss, value(&l.colour)?, 0.0, value(&l.masks)?, 0)
             }
             Stage::VqVae => {
@@ -439,7 +452,7 @@ impl Trainer {
                 let l = diffusion_losses(&self.model, scenes, aux, &mut rng)?;
                 let d = scalar(&l.denoise)?;
                 let (c, m) = (value(&l.grouping.colour)?, value(&l.grouping.masks)?);
-                (self.options.total_loss(Some(l.denoise), &l.grouping)?, d, c, m, 0)
+                (self.options.total_loss(stage, Some(l.denoise), &l.grouping)?, d, c, m, 0)
             }
         };
         let grads = loss.backward()?;

@@ -13,12 +13,12 @@ use crate::data::cell_coverage;
 use crate::eval::metrics::linear_sum_assignment;
 
 /// Added to the masks before the logarithm, so empty cells of a slot cost a bounded amount.
-const LOG_FLOOR: f32 = 1e-6;
+const LOG_FLOOR: f64 = 1e-6;
 
 /// The matched cross-entropy between Slot Attention masks `masks` [B, K, N] (normalised over
 /// slots) and the label maps `labels` (one [H, W] map of `size` per scene), averaged over
-/// scenes and cells. A scene with more ids than slots leaves its smallest-cost surplus ids
-/// unmatched (their cells still pull on no slot).
+/// scenes and cells. A scene with more ids than slots leaves the ids that the cheapest
+/// assignment does not place unmatched: their cells add no target.
 pub fn mask_loss(
     masks: &Tensor,
     labels: &[Vec<u32>],
@@ -35,7 +35,7 @@ pub fn mask_loss(
             masks.dims()
         );
     }
-    let log_masks = (masks + LOG_FLOOR as f64)?.log()?;
+    let log_masks = (masks + LOG_FLOOR)?.log()?;
     let costs = log_masks.detach().to_vec3::<f32>()?;
     let mut target = vec![0f32; b * k * n];
     for (i, (scene_labels, log_m)) in labels.iter().zip(&costs).enumerate() {

@@ -51,6 +51,7 @@ fn options(slot_steps: u64, vqvae_steps: u64, steps: u64) -> TrainOptions {
         mask_weight: 0.0,
         init_from: None,
         vqvae_from: None,
+        freeze_grouping: false,
     }
 }
 
@@ -194,5 +195,33 @@ fn a_run_starts_from_another_runs_variables_all_or_the_vqvae_only() {
         }
     }
     assert!(moved > 0, "the source's VQ-VAE equals a fresh one");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_frozen_grouping_trains_the_unet_alone() {
+    let dir = std::env::temp_dir().join(format!("slotserve-train-freeze-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let frozen = TrainOptions { freeze_grouping: true, mask_weight: 1.0, ..options(0, 0, 2) };
+    let mut t = Trainer::new(tiny_config(), frozen, tiny_scenes(), &Device::Cpu).unwrap();
+    let export = |t: &Trainer, name: &str| {
+        t.export(&dir.join(name)).unwrap();
+        candle_core::safetensors::load(dir.join(name).join("model.safetensors"), &Device::Cpu)
+            .unwrap()
+    };
+    let before = export(&t, "before");
+    let stats: Vec<_> = (0..2).map(|_| t.step().unwrap()).collect();
+    assert!(stats.iter().all(|s| s.extra == 0.0 && s.masks == 0.0), "auxiliaries ran: {stats:?}");
+    let mut unet_moved = 0;
+    for (name, got) in export(&t, "after") {
+        let moved = got.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            != before[&name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        if name.starts_with(slotserve::config::UNET_PREFIX) {
+            unet_moved += usize::from(moved);
+        } else {
+            assert!(!moved, "{name} changed with the grouping frozen");
+        }
+    }
+    assert!(unet_moved > 0, "the UNet did not train");
     std::fs::remove_dir_all(&dir).unwrap();
 }

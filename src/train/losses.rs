@@ -184,11 +184,13 @@ pub struct DiffusionLosses {
 
 /// `LDM.loss_function`: x0 = VQ-VAE latent (no gradient), per-sample t uniform in
 /// [0, T), x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε, loss = MSE(UNet(x_t, t, slots), ε); slots from
-/// the image's own encoding; also the asked-for auxiliary losses on the same slots and masks.
+/// the image's own encoding (constants with `frozen_grouping`, so that no gradient flows
+/// back into the encoder); also the asked-for auxiliary losses on the same slots and masks.
 pub fn diffusion_losses(
     model: &SlotDiffusion,
     batch: &SceneBatch,
     aux: Auxiliaries,
+    frozen_grouping: bool,
     rng: &mut ChaCha8Rng,
 ) -> Result<DiffusionLosses> {
     let images = &batch.images;
@@ -196,14 +198,18 @@ pub fn diffusion_losses(
     let x0 = model.vqvae().encode(images)?.detach();
     let (b, c, h, w) = x0.dims4()?;
     let features = model.encoder().forward(images)?;
-    let (slots, masks) = model.slot_attention().forward(&features, None)?;
+    let (mut slots, mut masks) = model.slot_attention().forward(&features, None)?;
+    if frozen_grouping {
+        (slots, masks) = (slots.detach(), masks.detach());
+    }
     let schedule = model.schedule();
     let steps: Vec<usize> = (0..b).map(|_| rng.random_range(0..schedule.timesteps())).collect();
     let noise: Vec<f32> = (0..b * c * h * w).map(|_| StandardNormal.sample(rng)).collect();
-    let noise = Tensor::from_vec(noise, (b, c, h, w), device)?;
+    let dtype = x0.dtype();
+    let noise = Tensor::from_vec(noise, (b, c, h, w), device)?.to_dtype(dtype)?;
     let coef = |f: &dyn Fn(f32) -> f32| {
         let v: Vec<f32> = steps.iter().map(|&t| f(schedule.alphas_bar[t])).collect();
-        Tensor::from_vec(v, (b, 1, 1, 1), device)
+        Tensor::from_vec(v, (b, 1, 1, 1), device)?.to_dtype(dtype)
     };
     let x_t = (x0.broadcast_mul(&coef(&|a| a.sqrt())?)?
         + noise.broadcast_mul(&coef(&|a| (1.0 - a).sqrt())?)?)?;

@@ -169,6 +169,11 @@ pub struct TrainOptions {
     /// paper trains the VQ-VAE once and reuses it.
     #[serde(default)]
     pub vqvae_from: Option<PathBuf>,
+    /// Stage 2 trains the UNet alone, on the slots of the encoder and Slot Attention as they
+    /// start (no auxiliary losses): for a run whose grouping was trained already, at about
+    /// twice the steps per second.
+    #[serde(default)]
+    pub freeze_grouping: bool,
 }
 
 impl TrainOptions {
@@ -205,8 +210,22 @@ impl TrainOptions {
         }
     }
 
-    /// The auxiliaries stage `stage` computes.
+    /// Whether stage `stage` keeps the encoder and Slot Attention as they are.
+    fn grouping_frozen(&self, stage: Stage) -> bool {
+        stage == Stage::Diffusion && self.freeze_grouping
+    }
+
+    /// Whether variable `name` is trained in `stage`.
+    fn trains(&self, stage: Stage, name: &str) -> bool {
+        stage.trains(name) && !(self.grouping_frozen(stage) && !name.starts_with(UNET_PREFIX))
+    }
+
+    /// The auxiliaries stage `stage` computes (none on a frozen grouping: nothing they
+    /// would train).
     fn auxiliaries<'a>(&self, stage: Stage, colour: &'a AuxDecoder) -> Auxiliaries<'a> {
+        if self.grouping_frozen(stage) {
+            return Auxiliaries { colour: None, masks: false };
+        }
         let colour = (self.colour_weight(stage) > 0.0).then_some(colour);
         Auxiliaries { colour, masks: self.mask_weight > 0.0 }
     }
@@ -318,7 +337,7 @@ impl Trainer {
         let vb = seeded_var_builder(&vars, options.seed, DType::F32, device);
         let aux = AuxDecoder::new(vb.pp(AUX_PREFIX), config.slot_size())?;
         let stage = options.stage_at(0);
-        let optim = Adam::new(trained_vars(&vars, stage), options.adam(stage))?;
+        let optim = Adam::new(trained_vars(&vars, &options, stage), options.adam(stage))?;
         Ok(Self { model, vars, aux, optim, stage, step: 0, options, scenes })
     }
 
@@ -349,8 +368,10 @@ impl Trainer {
         trainer.vars.load(dir.join(VARS_FILE))?;
         trainer.step = saved.step;
         trainer.stage = saved.stage;
-        trainer.optim =
-            Adam::new(trained_vars(&trainer.vars, saved.stage), trainer.options.adam(saved.stage))?;
+        trainer.optim = Adam::new(
+            trained_vars(&trainer.vars, &trainer.options, saved.stage),
+            trainer.options.adam(saved.stage),
+        )?;
         trainer.optim.load(&dir.join(OPTIM_FILE))?;
         Ok(trainer)
     }
@@ -426,7 +447,8 @@ impl Trainer {
         let stage = self.options.stage_at(self.step);
         if stage != self.stage {
             self.stage = stage;
-            self.optim = Adam::new(trained_vars(&self.vars, stage), self.options.adam(stage))?;
+            let vars = trained_vars(&self.vars, &self.options, stage);
+            self.optim = Adam::new(vars, self.options.adam(stage))?;
         }
         let mut rng = step_rng(self.options.seed, self.step);
         let mut restart = None;
@@ -449,7 +471,8 @@ impl Trainer {
                 ((l.recon + l.quant)?, r, q, 0.0, codes)
             }
             Stage::Diffusion => {
-                let l = diffusion_losses(&self.model, scenes, aux, &mut rng)?;
+                let frozen = self.options.grouping_frozen(stage);
+                let l = diffusion_losses(&self.model, scenes, aux, frozen, &mut rng)?;
                 let d = scalar(&l.denoise)?;
                 let (c, m) = (value(&l.grouping.colour)?, value(&l.grouping.masks)?);
                 (self.options.total_loss(stage, Some(l.denoise), &l.grouping)?, d, c, m, 0)
@@ -487,10 +510,11 @@ impl Trainer {
     }
 }
 
-/// The variables stage `stage` trains, with their names.
-fn trained_vars(vars: &VarMap, stage: Stage) -> Vec<(String, Var)> {
+/// The variables stage `stage` of the recipe `options` trains, with their names.
+fn trained_vars(vars: &VarMap, options: &TrainOptions, stage: Stage) -> Vec<(String, Var)> {
     let data = vars.data().lock().expect("var map lock");
-    data.iter().filter(|(n, _)| stage.trains(n)).map(|(n, v)| (n.clone(), v.clone())).collect()
+    let trained = data.iter().filter(|(n, _)| options.trains(stage, n));
+    trained.map(|(n, v)| (n.clone(), v.clone())).collect()
 }
 
 fn scalar(t: &Tensor) -> candle_core::Result<f64> {
@@ -561,6 +585,10 @@ pub struct TrainArgs {
     /// a VQ-VAE trained once, as the paper does).
     #[arg(long)]
     pub vqvae_from: Option<PathBuf>,
+    /// Stage 2 trains the UNet alone on the slots of the grouping it starts from (with
+    /// `--init-from` a run whose encoder and Slot Attention are trained).
+    #[arg(long)]
+    pub freeze_grouping: bool,
     /// The encoder of the default model.
     #[arg(long, value_enum, default_value_t = EncoderKind::Vit)]
     pub encoder: EncoderKind,
@@ -598,6 +626,7 @@ impl TrainArgs {
             mask_weight: self.mask_weight,
             init_from: self.init_from.clone(),
             vqvae_from: self.vqvae_from.clone(),
+            freeze_grouping: self.freeze_grouping,
         }
     }
 }

@@ -217,7 +217,7 @@ impl TrainOptions {
 
     /// Whether variable `name` is trained in `stage`.
     fn trains(&self, stage: Stage, name: &str) -> bool {
-        stage.trains(name) && !(self.grouping_frozen(stage) && !name.starts_with(UNET_PREFIX))
+        stage.trains(name) && (!self.grouping_frozen(stage) || name.starts_with(UNET_PREFIX))
     }
 
     /// The auxiliaries stage `stage` computes (none on a frozen grouping: nothing they

@@ -10,13 +10,17 @@ use slotserve::config::VQVAE_PREFIX;
 use slotserve::data::SceneConfig;
 use slotserve::model::init::seeded_var_builder;
 use slotserve::model::pipeline::SlotDiffusion;
-use slotserve::train::losses::{diffusion_losses, scene_batch, step_rng, Auxiliaries, SceneBatch};
+use slotserve::train::losses::{
+    diffusion_losses, scene_batch, step_rng, Auxiliaries, DenoiseRecipe, SceneBatch,
+};
 use slotserve::train::{default_config, EncoderKind};
 
 /// Stage 2's denoising loss on `batch`, with the same t and noise at every call.
 fn loss(model: &SlotDiffusion, batch: &SceneBatch) -> Tensor {
     let aux = Auxiliaries { colour: None, masks: false };
-    diffusion_losses(model, batch, aux, false, &mut step_rng(5, 0)).unwrap().denoise
+    diffusion_losses(model, batch, aux, DenoiseRecipe::default(), &mut step_rng(5, 0))
+        .unwrap()
+        .denoise
 }
 
 #[test]

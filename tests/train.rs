@@ -52,6 +52,7 @@ fn options(slot_steps: u64, vqvae_steps: u64, steps: u64) -> TrainOptions {
         init_from: None,
         vqvae_from: None,
         freeze_grouping: false,
+        min_snr_gamma: 0.0,
     }
 }
 
@@ -224,4 +225,34 @@ fn a_frozen_grouping_trains_the_unet_alone() {
     }
     assert!(unet_moved > 0, "the UNet did not train");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn min_snr_weighting_scales_a_samples_error_by_its_weight() {
+    use rand::RngExt;
+    use slotserve::train::losses::{diffusion_losses, step_rng, Auxiliaries, DenoiseRecipe};
+    let t = trainer(0, 0, 1);
+    let batch = scene_batch(&tiny_scenes(), 0, 1, &Device::Cpu).unwrap();
+    // the sample's timestep is the first number its step's generator draws: take a stream
+    // whose timestep is nearly noise-free (SNR > 5), where every γ below changes the weight
+    let schedule = t.model().schedule();
+    let snr = |stream: u64| {
+        let a = schedule.alphas_bar[step_rng(9, stream).random_range(0..schedule.timesteps())];
+        f64::from(a / (1.0 - a))
+    };
+    let stream = (0..).find(|&s| snr(s) > 5.0).unwrap();
+    let loss = |gamma: f64| {
+        let aux = Auxiliaries { colour: None, masks: false };
+        let recipe = DenoiseRecipe { min_snr_gamma: gamma, ..DenoiseRecipe::default() };
+        let rng = &mut step_rng(9, stream);
+        let l = diffusion_losses(t.model(), &batch, aux, recipe, rng).unwrap();
+        f64::from(l.denoise.to_scalar::<f32>().unwrap())
+    };
+    let official = loss(0.0);
+    for gamma in [0.05, 1.0, 5.0, 1e9] {
+        let want = official * snr(stream).min(gamma) / snr(stream);
+        let got = loss(gamma);
+        println!("SNR {:.3} γ {gamma}: {got} (want {want})", snr(stream));
+        assert!((got - want).abs() <= 1e-5 * want, "γ {gamma}: {got} vs {want}");
+    }
 }

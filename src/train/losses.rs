@@ -173,6 +173,19 @@ pub fn slot_losses(
     GroupingLosses::of(model, batch, &slots, &masks, aux)
 }
 
+/// How stage 2's denoising loss departs from the official one, if at all
+/// (`DenoiseRecipe::default()`: it does not).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DenoiseRecipe {
+    /// The slots and masks are constants: no gradient flows back into the encoder and Slot
+    /// Attention (a run that trains the UNet alone on a trained grouping).
+    pub frozen_grouping: bool,
+    /// Min-SNR weighting (Hang et al., 2023): each sample's squared error is weighted by
+    /// `min(SNR_t, γ) / SNR_t`, which takes weight off the nearly noise-free steps and so
+    /// spends the gradient on the image's layout first; 0 weighs every step alike (official).
+    pub min_snr_gamma: f64,
+}
+
 /// What stage 2 computes on a batch.
 #[derive(Debug)]
 pub struct DiffusionLosses {
@@ -184,13 +197,13 @@ pub struct DiffusionLosses {
 
 /// `LDM.loss_function`: x0 = VQ-VAE latent (no gradient), per-sample t uniform in
 /// [0, T), x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε, loss = MSE(UNet(x_t, t, slots), ε); slots from
-/// the image's own encoding (constants with `frozen_grouping`, so that no gradient flows
-/// back into the encoder); also the asked-for auxiliary losses on the same slots and masks.
+/// the image's own encoding; also the asked-for auxiliary losses on the same slots and masks.
+/// `recipe` may depart from the official loss (see [`DenoiseRecipe`]).
 pub fn diffusion_losses(
     model: &SlotDiffusion,
     batch: &SceneBatch,
     aux: Auxiliaries,
-    frozen_grouping: bool,
+    recipe: DenoiseRecipe,
     rng: &mut ChaCha8Rng,
 ) -> Result<DiffusionLosses> {
     let images = &batch.images;
@@ -199,7 +212,7 @@ pub fn diffusion_losses(
     let (b, c, h, w) = x0.dims4()?;
     let features = model.encoder().forward(images)?;
     let (mut slots, mut masks) = model.slot_attention().forward(&features, None)?;
-    if frozen_grouping {
+    if recipe.frozen_grouping {
         (slots, masks) = (slots.detach(), masks.detach());
     }
     let schedule = model.schedule();
@@ -215,7 +228,17 @@ pub fn diffusion_losses(
         + noise.broadcast_mul(&coef(&|a| (1.0 - a).sqrt())?)?)?;
     let t = Tensor::from_vec(steps.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, device)?;
     let eps = model.unet().forward(&x_t, &t, &slots)?;
-    let denoise = (eps - noise)?.sqr()?.mean_all()?;
+    let squared = (eps - noise)?.sqr()?;
+    let denoise = match recipe.min_snr_gamma {
+        gamma if gamma > 0.0 => {
+            let weight = coef(&|a| {
+                let snr = a / (1.0 - a);
+                snr.min(gamma as f32) / snr
+            })?;
+            squared.broadcast_mul(&weight)?.mean_all()?
+        }
+        _ => squared.mean_all()?,
+    };
     let grouping = GroupingLosses::of(model, batch, &slots, &masks, aux)?;
     Ok(DiffusionLosses { denoise, grouping })
 }

@@ -9,7 +9,9 @@
 //! UNet with the latent denoising loss on the frozen VQ-VAE (plus the auxiliary loss).
 //! With `mask_weight > 0` the curriculum and stage 2 also supervise Slot Attention's masks
 //! with the generator's instance masks ([`supervision`]); a run can start from another
-//! run's variables (`init_from`) and take another's trained VQ-VAE (`vqvae_from`).
+//! run's variables (`init_from`) and take another's trained VQ-VAE (`vqvae_from`); stage 2
+//! can train the UNet alone on a trained grouping (`freeze_grouping`) and weight its loss
+//! by Min-SNR (`min_snr_gamma`).
 //!
 //! Every random number of step `s` comes from a ChaCha8 stream derived from (seed, s), and
 //! the scenes of step `s` are the training scenes from `s·max(B, B_slots)` on, so a
@@ -47,7 +49,7 @@ use crate::model::vqvae::VqVaeConfig;
 pub use evaluate::{eval, EvalArgs};
 use losses::{
     diffusion_losses, restarted_codebook, scene_batch, slot_losses, step_rng, vqvae_losses,
-    AuxDecoder, Auxiliaries, GroupingLosses, SceneBatch, AUX_PREFIX, RESTART_EVERY,
+    AuxDecoder, Auxiliaries, DenoiseRecipe, GroupingLosses, SceneBatch, AUX_PREFIX, RESTART_EVERY,
 };
 use optim::{Adam, AdamConfig};
 
@@ -174,6 +176,10 @@ pub struct TrainOptions {
     /// twice the steps per second.
     #[serde(default)]
     pub freeze_grouping: bool,
+    /// Min-SNR weighting of stage 2's denoising loss with this γ (0: the official
+    /// unweighted loss); see [`losses::DenoiseRecipe`].
+    #[serde(default)]
+    pub min_snr_gamma: f64,
 }
 
 impl TrainOptions {
@@ -213,6 +219,11 @@ impl TrainOptions {
     /// Whether stage `stage` keeps the encoder and Slot Attention as they are.
     fn grouping_frozen(&self, stage: Stage) -> bool {
         stage == Stage::Diffusion && self.freeze_grouping
+    }
+
+    /// Stage 2's departures from the official denoising loss.
+    fn denoise(&self) -> DenoiseRecipe {
+        DenoiseRecipe { frozen_grouping: self.freeze_grouping, min_snr_gamma: self.min_snr_gamma }
     }
 
     /// Whether variable `name` is trained in `stage`.
@@ -471,8 +482,8 @@ impl Trainer {
                 ((l.recon + l.quant)?, r, q, 0.0, codes)
             }
             Stage::Diffusion => {
-                let frozen = self.options.grouping_frozen(stage);
-                let l = diffusion_losses(&self.model, scenes, aux, frozen, &mut rng)?;
+                let l =
+                    diffusion_losses(&self.model, scenes, aux, self.options.denoise(), &mut rng)?;
                 let d = scalar(&l.denoise)?;
                 let (c, m) = (value(&l.grouping.colour)?, value(&l.grouping.masks)?);
                 (self.options.total_loss(stage, Some(l.denoise), &l.grouping)?, d, c, m, 0)
@@ -589,6 +600,9 @@ pub struct TrainArgs {
     /// `--init-from` a run whose encoder and Slot Attention are trained).
     #[arg(long)]
     pub freeze_grouping: bool,
+    /// Min-SNR-γ weighting of the denoising loss (e.g. 5; 0: the official unweighted loss).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_snr_gamma: f64,
     /// The encoder of the default model.
     #[arg(long, value_enum, default_value_t = EncoderKind::Vit)]
     pub encoder: EncoderKind,
@@ -627,6 +641,7 @@ impl TrainArgs {
             init_from: self.init_from.clone(),
             vqvae_from: self.vqvae_from.clone(),
             freeze_grouping: self.freeze_grouping,
+            min_snr_gamma: self.min_snr_gamma,
         }
     }
 }

@@ -11,6 +11,10 @@
 //!   workers; on a small, shared CPU these spin against the rayon threads and wait on
 //!   descheduled workers. Unless `CANDLE_NUM_THREADS` says otherwise, that pool gets no
 //!   workers and candle's remaining elementwise work runs on the calling thread.
+//! - Where the model runs: every parallel loop of `ops` started from a thread outside the
+//!   rayon pool hands its work to the pool and puts the caller to sleep until it is done,
+//!   hundreds of times a UNet evaluation. The model's entry points run on a pool thread
+//!   instead ([`on_compute_pool`]), where those loops start in place: 3 % off a voc render.
 
 /// Blocks up to this size come from the reusable heap (glibc's largest allowed threshold).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -42,4 +46,12 @@ fn keep_freed_memory() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, TOP_PAD);
     }
+}
+
+/// Runs `work` on a thread of rayon's global pool (in place when already on one) and returns
+/// its result, the calling thread waiting meanwhile. The model's entry points (decompose, a
+/// denoising step, a decode, a training step) go through it, so that the parallel loops of
+/// their layers start from inside the pool rather than each waking it from outside.
+pub fn on_compute_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| work())
 }

@@ -142,10 +142,11 @@ async fn overload_is_refused_and_nothing_is_lost_or_duplicated() {
 #[tokio::test]
 async fn requests_beyond_max_concurrent_are_refused() {
     let mut s = settings();
-    s.limits.max_concurrent = 1;
+    (s.limits.max_concurrent, s.limits.max_steps) = (1, 200);
     let server = TestServer::start(s).await;
     let set = server.slot_sets(&[picture(5, 32, 32)]).await.remove(0);
-    let long = json!({ "slots": set, "sampler": "ddim", "steps": 20 });
+    // long enough (a second or so) to be still in flight when the second request arrives
+    let long = json!({ "slots": set, "sampler": "ddim", "steps": 200 });
     let short = json!({ "slots": set, "sampler": "ddim", "steps": 2 });
     let (first, second) = tokio::join!(server.post("/render", &long), async {
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -522,3 +522,36 @@ fn softmax_keeps_its_gradient_when_one_is_needed() {
     let fused = ops::softmax_last_dim(&x).unwrap();
     assert_close("softmax value", &fused, &candle_nn::ops::softmax(&x, D::Minus1).unwrap());
 }
+
+#[test]
+fn nearest_code_matches_the_distance_matrix() {
+    // 4093 entries: not a whole number of scan lanes; entry 4092 repeats entry 7, and
+    // vector 0 is entry 7 itself, so an exact tie must go to the lower index
+    let (n, k) = (700, 4093);
+    let mut codebook = random(&[k, 3], 1, 0.0, 1.0);
+    let repeat = codebook.narrow(0, 7, 1).unwrap();
+    codebook = Tensor::cat(&[codebook.narrow(0, 0, k - 1).unwrap(), repeat.clone()], 0).unwrap();
+    let z = Tensor::cat(&[repeat, random(&[n - 1, 3], 2, 0.0, 1.2)], 0).unwrap();
+    let codebook_sq = codebook.sqr().unwrap().sum_keepdim(1).unwrap().t().unwrap();
+    let got = ops::nearest_code(&z, &codebook, &codebook_sq).unwrap();
+    let want = ops::nearest_code_reference(&z, &codebook, &codebook_sq).unwrap();
+    let (got, want) = (got.to_vec1::<u32>().unwrap(), want.to_vec1::<u32>().unwrap());
+    assert_eq!(got[0], 7, "an exact tie went to the higher index");
+    // Both pick a least distance; they may part only where two entries are within f32
+    // rounding of each other (the products are summed in another order).
+    let distance = |i: usize, e: u32| -> f32 {
+        let (row, entry) = (z.get(i).unwrap(), codebook.get(e as usize).unwrap());
+        (row - entry).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar().unwrap()
+    };
+    let parted: Vec<usize> = (0..n).filter(|&i| got[i] != want[i]).collect();
+    for &i in &parted {
+        let (a, b) = (distance(i, got[i]), distance(i, want[i]));
+        assert!(
+            (a - b).abs() <= 1e-5,
+            "vector {i}: entry {} at {a}, entry {} at {b}",
+            got[i],
+            want[i]
+        );
+    }
+    assert!(parted.len() <= 2, "{} of {n} vectors took another entry", parted.len());
+}

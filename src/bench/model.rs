@@ -13,6 +13,7 @@ use candle_nn::VarMap;
 use serde::Serialize;
 
 use crate::config::{ModelConfig, Preset};
+use crate::cpu_runtime::on_compute_pool;
 use crate::device::{device_name, DTypeChoice, DeviceChoice};
 use crate::model::pipeline::SlotDiffusion;
 use crate::model::sampler::SamplerKind;
@@ -170,7 +171,10 @@ pub fn bench_preset(
             let latents = Tensor::randn(0f32, 1f32, (b, c, h, w), device)?;
             let t = Tensor::full(UNET_TIMESTEP, b, device)?;
             let unet = model.unet();
-            time(device, b, args.repeats, || Ok(unet.forward(&latents, &t, &slots).map(|_| ())?))
+            // on the compute pool, as the model's own entry points run it
+            time(device, b, args.repeats, || {
+                Ok(on_compute_pool(|| unet.forward(&latents, &t, &slots)).map(|_| ())?)
+            })
         })
         .collect::<anyhow::Result<_>>()?;
     // One render per batch size, not repeated (20 UNet evaluations, warm after the above).

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{ModelConfig, Preset, CONFIG_FILE, UNET_PREFIX, VQVAE_PREFIX, WEIGHTS_FILE};
+use crate::cpu_runtime::on_compute_pool;
 use crate::model::encoder::Encoder;
 use crate::model::init::seeded_var_builder;
 use crate::model::sampler::{
@@ -249,12 +250,15 @@ impl SlotDiffusion {
     /// Slots, soft masks and segmentation of a batch of images [B, 3, H, W] in [-1, 1] at
     /// the model's resolution.
     pub fn decompose(&self, images: &Tensor) -> Result<Decomposition> {
-        let (_, _, h, w) = images.dims4()?;
-        let features = self.encoder.forward(&images.to_dtype(self.dtype)?)?;
-        let (slots, attn) = self.slot_attention.forward(&features, None)?;
-        let masks = upsample_masks(&attn.to_dtype(DType::F32)?, self.encoder.grid(h, w), (h, w))?;
-        let segmentation = segmentation(&masks)?;
-        Ok(Decomposition { slots: slots.to_dtype(DType::F32)?, masks, segmentation })
+        on_compute_pool(|| {
+            let (_, _, h, w) = images.dims4()?;
+            let features = self.encoder.forward(&images.to_dtype(self.dtype)?)?;
+            let (slots, attn) = self.slot_attention.forward(&features, None)?;
+            let grid = self.encoder.grid(h, w);
+            let masks = upsample_masks(&attn.to_dtype(DType::F32)?, grid, (h, w))?;
+            let segmentation = segmentation(&masks)?;
+            Ok(Decomposition { slots: slots.to_dtype(DType::F32)?, masks, segmentation })
+        })
     }
 
     /// Starts rendering one image from `slots` [K, D], from the seeded standard-normal latent.
@@ -291,6 +295,11 @@ impl SlotDiffusion {
     /// One denoising evaluation for every unfinished job (each at its own timestep), advancing
     /// each: jobs with the same slot count share one batched UNet pass.
     pub fn denoise_step(&self, jobs: &mut [&mut RenderJob]) -> Result<()> {
+        on_compute_pool(|| self.denoise_step_here(jobs))
+    }
+
+    /// [`denoise_step`](Self::denoise_step) on the calling thread.
+    fn denoise_step_here(&self, jobs: &mut [&mut RenderJob]) -> Result<()> {
         // One UNet pass per slot count: padding shorter slot sets (with a cross-attention
         // mask) changes the summation order by ~1e-6, which codebook snapping can turn into
         // a different image, and a request must render the same alone or batched.
@@ -320,7 +329,7 @@ impl SlotDiffusion {
 
     /// VQ-VAE decode (quantize, then decoder) of latents [B, C, h, w], to f32 images.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
-        self.vqvae.decode(&latents.to_dtype(self.dtype)?)?.to_dtype(DType::F32)
+        on_compute_pool(|| self.vqvae.decode(&latents.to_dtype(self.dtype)?)?.to_dtype(DType::F32))
     }
 
     /// Renders each slot set (its own K) from its seed, all jobs batched together.

@@ -400,12 +400,7 @@ impl VqVae {
         let (b, c, h, w) = z.dims4()?;
         let flat =
             z.permute((0, 2, 3, 1))?.reshape((b * h * w, c))?.to_dtype(self.codebook.dtype())?;
-        let dist = flat
-            .sqr()?
-            .sum_keepdim(1)?
-            .broadcast_add(&self.codebook_sq)?
-            .broadcast_sub(&(flat.matmul(&self.codebook.t()?)? * 2.0)?)?;
-        dist.argmin(1)?.reshape((b, h, w))
+        crate::ops::nearest_code(&flat, &self.codebook, &self.codebook_sq)?.reshape((b, h, w))
     }
 
     /// Latent [B, embed_dim, h, w] with every position replaced by its nearest codebook

@@ -1,6 +1,7 @@
 //! Fast CPU kernels behind drop-in layers: convolution ([`Conv2d`]), GroupNorm with fused
 //! SiLU ([`GroupNorm`]), fused attention ([`attention()`]), fully connected layers
-//! ([`Linear`]), LayerNorm ([`LayerNorm`]) and the exact GELU ([`gelu_erf`], [`geglu`]).
+//! ([`Linear`]), LayerNorm ([`LayerNorm`]), the exact GELU ([`gelu_erf`], [`geglu`]) and the
+//! VQ codebook search ([`nearest_code`]).
 //!
 //! The packed kernels have no backward pass: whenever an input or weight is part of a gradient
 //! graph (training) the layers take a differentiable path instead, for convolution the
@@ -57,6 +58,7 @@ mod conv;
 mod group_norm;
 mod layer_norm;
 mod linear;
+mod nearest;
 mod norm_grad;
 pub mod patches;
 mod resample;
@@ -70,6 +72,7 @@ pub use conv::{conv2d, conv2d_no_bias, Conv2d};
 pub use group_norm::{group_norm, GroupNorm};
 pub use layer_norm::{layer_norm, LayerNorm};
 pub use linear::{linear, linear_no_bias, Linear};
+pub use nearest::{nearest_code, nearest_code_reference};
 pub use resample::upsample_nearest2x;
 pub use softmax::softmax_last_dim;
 

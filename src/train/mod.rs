@@ -455,6 +455,11 @@ impl Trainer {
     /// Takes the next step on the given scenes (tests use a fixed batch); the step's random
     /// numbers still come from (seed, step).
     pub fn step_on(&mut self, scenes: &SceneBatch) -> anyhow::Result<StepStats> {
+        crate::cpu_runtime::on_compute_pool(|| self.step_here(scenes))
+    }
+
+    /// [`step_on`](Self::step_on) on the calling thread.
+    fn step_here(&mut self, scenes: &SceneBatch) -> anyhow::Result<StepStats> {
         let stage = self.options.stage_at(self.step);
         if stage != self.stage {
             self.stage = stage;

@@ -57,11 +57,12 @@ pub fn linear(x: &[f32], w: Weights, residual: Option<&[f32]>) -> Vec<f32> {
 }
 
 /// Splits the tokens into blocks of at most `TOKENS_MAX` (a multiple of `threads` of them),
-/// then the output panels too while there are fewer than four tasks per thread.
+/// then the output panels too while there are fewer than two tasks per thread (each task packs
+/// its tokens itself, so splitting the panels packs the same tokens again).
 fn split(tokens: usize, panels: usize, threads: usize) -> Vec<Task> {
     let token_panels = tokens.div_ceil(MR);
     let count = token_panels.div_ceil(TOKENS_MAX / MR).next_multiple_of(threads).min(token_panels);
-    let parts = (4 * threads).div_ceil(count.max(1)).min(panels);
+    let parts = (2 * threads).div_ceil(count.max(1)).min(panels);
     let edge = |b: usize| (b * token_panels / count * MR).min(tokens);
     (0..count)
         .flat_map(|b| {

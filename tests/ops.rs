@@ -555,3 +555,17 @@ fn nearest_code_matches_the_distance_matrix() {
     }
     assert!(parted.len() <= 2, "{} of {n} vectors took another entry", parted.len());
 }
+
+#[test]
+fn fused_projection_heads_equal_separate_ones() {
+    let parts: Vec<Tensor> = (0..3).map(|i| random(&[2, 5, 12], 20 + i, 0.0, 1.0)).collect();
+    let fused = Tensor::cat(&parts, 2).unwrap();
+    let (q, k, v) = ops::split_qkv_heads(&fused, 3).unwrap();
+    for (got, part) in [q, k, v].iter().zip(&parts) {
+        let want = ops::split_heads(part, 3).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        assert_eq!(got.stride().last(), Some(&1), "heads are read in place");
+        let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    }
+}

@@ -7,20 +7,59 @@
 //! attention, softmax, LayerNorm and scalar GELU; these layers run the `ops` kernels instead,
 //! which is most of the speed of decompose on a CPU.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Error, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::vit::ViTConfig;
-use crate::ops::{attention, gelu_erf, layer_norm, linear, merge_heads, split_heads};
+use crate::ops::{
+    attention, gelu_erf, layer_norm, linear, merge_heads, split_heads, split_qkv_heads,
+};
 use crate::ops::{LayerNorm, Linear};
+
+/// The query, key and value projections of one layer (`attention.attention.{query, key,
+/// value}`).
+#[derive(Debug, Clone)]
+enum Projections {
+    /// Constant weights: one product on the three matrices stacked, which reads and packs the
+    /// tokens once instead of three times (each output column is computed as in its own layer).
+    Fused(Linear),
+    /// Trained weights, which stay three variables.
+    Separate([Linear; 3]),
+}
+
+impl Projections {
+    fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+        let [q, k, v] = ["query", "key", "value"].map(|name| linear(c, c, vb.pp(name)));
+        let layers = [q?, k?, v?];
+        let bias = |l: &Linear| l.bias().cloned().ok_or_else(|| Error::Msg("no bias".into()));
+        let trained =
+            |l: &Linear| l.weight().is_variable() || l.bias().is_some_and(Tensor::is_variable);
+        let trained = layers.iter().any(trained);
+        if trained {
+            return Ok(Self::Separate(layers));
+        }
+        let weight = Tensor::cat(&layers.iter().map(Linear::weight).collect::<Vec<_>>(), 0)?;
+        let bias = Tensor::cat(&layers.iter().map(bias).collect::<Result<Vec<_>>>()?, 0)?;
+        Ok(Self::Fused(Linear::new(weight, Some(bias))?))
+    }
+
+    /// Queries, keys and values of `x` [B, N, C] as `heads` heads [B, H, N, C / H].
+    fn heads(&self, x: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        match self {
+            Self::Fused(qkv) => split_qkv_heads(&qkv.forward(x)?, heads),
+            Self::Separate([q, k, v]) => {
+                let split = |layer: &Linear| split_heads(&layer.forward(x)?, heads);
+                Ok((split(q)?, split(k)?, split(v)?))
+            }
+        }
+    }
+}
 
 /// Multi-head self-attention (`attention.attention`) and its output projection
 /// (`attention.output.dense`).
 #[derive(Debug, Clone)]
 struct SelfAttention {
-    query: Linear,
-    key: Linear,
-    value: Linear,
+    projections: Projections,
     output: Linear,
     heads: usize,
 }
@@ -28,11 +67,8 @@ struct SelfAttention {
 impl SelfAttention {
     fn new(cfg: &ViTConfig, vb: VarBuilder) -> Result<Self> {
         let c = cfg.hidden_size;
-        let qkv = vb.pp("attention");
         Ok(Self {
-            query: linear(c, c, qkv.pp("query"))?,
-            key: linear(c, c, qkv.pp("key"))?,
-            value: linear(c, c, qkv.pp("value"))?,
+            projections: Projections::new(c, vb.pp("attention"))?,
             output: linear(c, c, vb.pp("output.dense"))?,
             heads: cfg.num_heads,
         })
@@ -40,8 +76,7 @@ impl SelfAttention {
 
     /// Self-attention of `x` [B, N, C], plus `residual`.
     fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let heads = |layer: &Linear| split_heads(&layer.forward(x)?, self.heads);
-        let (q, k, v) = (heads(&self.query)?, heads(&self.key)?, heads(&self.value)?);
+        let (q, k, v) = self.projections.heads(x, self.heads)?;
         let scale = ((x.dim(2)? / self.heads) as f64).powf(-0.5);
         let out = merge_heads(&attention(&q, &k, &v, scale, None)?)?;
         self.output.forward_residual(&out, residual)

@@ -53,6 +53,15 @@ pub fn split_heads(t: &Tensor, heads: usize) -> Result<Tensor> {
     t.reshape((b, n, heads, c / heads))?.transpose(1, 2)
 }
 
+/// `[B, N, 3·H·d]` tokens holding queries, keys and values side by side (a fused projection's
+/// output) as three `[B, H, N, d]` views, which [`attention()`] reads in place.
+pub fn split_qkv_heads(t: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, n, c) = t.dims3()?;
+    let t = t.reshape((b, n, 3, heads, c / 3 / heads))?;
+    let part = |i| t.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+    Ok((part(0)?, part(1)?, part(2)?))
+}
+
 /// `[B, H, N, d]` heads back as `[B, N, H·d]` tokens (no copy for [`attention()`]'s output).
 pub fn merge_heads(t: &Tensor) -> Result<Tensor> {
     let (b, h, n, d) = t.dims4()?;

@@ -67,7 +67,7 @@ mod softmax;
 mod x86;
 
 pub use activation::{geglu, gelu_erf};
-pub use attention::{attention, attention_reference, merge_heads, split_heads};
+pub use attention::{attention, attention_reference, merge_heads, split_heads, split_qkv_heads};
 pub use conv::{conv2d, conv2d_no_bias, Conv2d};
 pub use group_norm::{group_norm, GroupNorm};
 pub use layer_norm::{layer_norm, LayerNorm};

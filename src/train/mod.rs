@@ -172,8 +172,8 @@ pub struct TrainOptions {
     #[serde(default)]
     pub vqvae_from: Option<PathBuf>,
     /// Stage 2 trains the UNet alone, on the slots of the encoder and Slot Attention as they
-    /// start (no auxiliary losses): for a run whose grouping was trained already, at about
-    /// twice the steps per second.
+    /// start (no auxiliary losses): for a run whose grouping was trained already, with no
+    /// backward pass through the encoder (1.2–1.3× the steps per second of the default model).
     #[serde(default)]
     pub freeze_grouping: bool,
     /// Min-SNR weighting of stage 2's denoising loss with this γ (0: the official

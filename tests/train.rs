@@ -1,6 +1,8 @@
 //! Training and evaluation of the default model on tiny configurations (2 CPU cores: seconds).
 
-use candle_core::Device;
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
 use slotserve::config::ModelConfig;
 use slotserve::data::{Scene, SceneConfig};
 use slotserve::model::encoder::{BackboneConfig, EncoderConfig};
@@ -140,7 +142,7 @@ fn codebook_restarts_move_unused_codes_onto_latents() {
     use slotserve::train::losses::{restarted_codebook, step_rng, vqvae_losses};
     let t = trainer(0, 1, 0);
     let images = scene_batch(&tiny_scenes(), 0, 2, &Device::Cpu).unwrap();
-    let codebook = candle_core::Tensor::randn(0f32, 1.0, (64, 3), &Device::Cpu).unwrap();
+    let codebook = Tensor::randn(0f32, 1.0, (64, 3), &Device::Cpu).unwrap();
     let losses = vqvae_losses(t.model(), &codebook, &images.images).unwrap();
     let restarted = restarted_codebook(&codebook, &losses, &mut step_rng(0, 0)).unwrap();
     let (old, new) = (codebook.to_vec2::<f32>().unwrap(), restarted.to_vec2::<f32>().unwrap());
@@ -155,6 +157,18 @@ fn codebook_restarts_move_unused_codes_onto_latents() {
     assert!(losses.used.len() < old.len(), "the test needs unused codes");
 }
 
+/// The servable weights `t` exports, written under `dir/name` and read back.
+fn exported(t: &Trainer, dir: &std::path::Path, name: &str) -> HashMap<String, Tensor> {
+    t.export(&dir.join(name)).unwrap();
+    candle_core::safetensors::load(dir.join(name).join("model.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// Whether two tensors hold the same values, bit for bit.
+fn same(a: &Tensor, b: &Tensor) -> bool {
+    a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
 #[test]
 fn a_run_starts_from_another_runs_variables_all_or_the_vqvae_only() {
     let dir = std::env::temp_dir().join(format!("slotserve-train-init-{}", std::process::id()));
@@ -163,19 +177,11 @@ fn a_run_starts_from_another_runs_variables_all_or_the_vqvae_only() {
     source.step().unwrap();
     source.step().unwrap();
     source.save(&dir).unwrap();
-    let export = |t: &Trainer, name: &str| {
-        let out = dir.join(name);
-        t.export(&out).unwrap();
-        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap()
-    };
+    let export = |t: &Trainer, name: &str| exported(t, &dir, name);
     let want = export(&source, "source");
     let fresh = || {
         let options = TrainOptions { seed: 11, ..options(0, 0, 1) };
         Trainer::new(tiny_config(), options, tiny_scenes(), &Device::Cpu).unwrap()
-    };
-    let same = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
-        a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-            == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     };
 
     let mut all = fresh();
@@ -205,18 +211,12 @@ fn a_frozen_grouping_trains_the_unet_alone() {
     let _ = std::fs::remove_dir_all(&dir);
     let frozen = TrainOptions { freeze_grouping: true, mask_weight: 1.0, ..options(0, 0, 2) };
     let mut t = Trainer::new(tiny_config(), frozen, tiny_scenes(), &Device::Cpu).unwrap();
-    let export = |t: &Trainer, name: &str| {
-        t.export(&dir.join(name)).unwrap();
-        candle_core::safetensors::load(dir.join(name).join("model.safetensors"), &Device::Cpu)
-            .unwrap()
-    };
-    let before = export(&t, "before");
+    let before = exported(&t, &dir, "before");
     let stats: Vec<_> = (0..2).map(|_| t.step().unwrap()).collect();
     assert!(stats.iter().all(|s| s.extra == 0.0 && s.masks == 0.0), "auxiliaries ran: {stats:?}");
     let mut unet_moved = 0;
-    for (name, got) in export(&t, "after") {
-        let moved = got.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-            != before[&name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (name, got) in exported(&t, &dir, "after") {
+        let moved = !same(&got, &before[&name]);
         if name.starts_with(slotserve::config::UNET_PREFIX) {
             unet_moved += usize::from(moved);
         } else {

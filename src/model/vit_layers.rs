@@ -7,7 +7,7 @@
 //! attention, softmax, LayerNorm and scalar GELU; these layers run the `ops` kernels instead,
 //! which is most of the speed of decompose on a CPU.
 
-use candle_core::{Error, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::vit::ViTConfig;
@@ -28,19 +28,20 @@ enum Projections {
 }
 
 impl Projections {
+    /// Reads the three layers; constant weights are stacked before anything is packed, so
+    /// only the fused layer's weights are.
     fn new(c: usize, vb: VarBuilder) -> Result<Self> {
-        let [q, k, v] = ["query", "key", "value"].map(|name| linear(c, c, vb.pp(name)));
+        let [q, k, v] = ["query", "key", "value"].map(|name| candle_nn::linear(c, c, vb.pp(name)));
         let layers = [q?, k?, v?];
-        let bias = |l: &Linear| l.bias().cloned().ok_or_else(|| Error::Msg("no bias".into()));
-        let trained =
-            |l: &Linear| l.weight().is_variable() || l.bias().is_some_and(Tensor::is_variable);
-        let trained = layers.iter().any(trained);
-        if trained {
-            return Ok(Self::Separate(layers));
+        let tensors = |l: &candle_nn::Linear| [Some(l.weight().clone()), l.bias().cloned()];
+        if layers.iter().flat_map(tensors).flatten().any(|t| t.is_variable()) {
+            let [q, k, v] = layers.map(Linear::from_candle);
+            return Ok(Self::Separate([q?, k?, v?]));
         }
-        let weight = Tensor::cat(&layers.iter().map(Linear::weight).collect::<Vec<_>>(), 0)?;
-        let bias = Tensor::cat(&layers.iter().map(bias).collect::<Result<Vec<_>>>()?, 0)?;
-        Ok(Self::Fused(Linear::new(weight, Some(bias))?))
+        let weight = Tensor::cat(&layers.iter().map(|l| l.weight()).collect::<Vec<_>>(), 0)?;
+        let biases = layers.iter().map(|l| l.bias()).collect::<Option<Vec<_>>>();
+        let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
+        Ok(Self::Fused(Linear::new(weight, bias)?))
     }
 
     /// Queries, keys and values of `x` [B, N, C] as `heads` heads [B, H, N, C / H].

@@ -87,7 +87,7 @@ pub fn nearest_code_reference(
     codebook: &Tensor,
     codebook_sq: &Tensor,
 ) -> Result<Tensor> {
-    let (_, k) = (z.dim(0)?, codebook.dim(0)?);
+    let k = codebook.dim(0)?;
     let distances = z
         .sqr()?
         .sum_keepdim(1)?

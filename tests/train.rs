@@ -129,12 +129,21 @@ fn eval_runs_end_to_end_on_a_tiny_random_model() {
     let scenes: Vec<Scene> = slotserve::eval::held_out_scenes(&tiny_scenes(), 3);
     let reports = evaluate_scenes(t.model(), &scenes, 2, Some(0)).unwrap();
     println!("{}", slotserve::eval::format_table(&reports));
-    assert_eq!(reports.len(), 4);
+    assert_eq!(reports.len(), 5);
     let model = &reports[0];
     assert_eq!(model.scenes, 3);
     assert_eq!(model.psnr.count(), 3);
     assert!(model.removal_inside.count() >= 1);
     assert!(model.fg_ari.value().is_some() && model.mbo.value().is_some());
+    // the last row is the VQ-VAE's own reconstruction: a PSNR per scene, nothing segmented
+    let autoencoder = &reports[4];
+    assert!(autoencoder.name.starts_with("VQ-VAE"), "{}", autoencoder.name);
+    assert_eq!((autoencoder.scenes, autoencoder.psnr.count()), (3, 3));
+    assert!(autoencoder.fg_ari.value().is_none() && autoencoder.removal_inside.value().is_none());
+    // segmentation only: no renders, so no ceiling for them either
+    let segmentation = evaluate_scenes(t.model(), &scenes, 2, None).unwrap();
+    assert_eq!(segmentation.len(), 4);
+    assert_eq!(segmentation[0].psnr.count(), 0);
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 
+use crate::cpu_runtime::on_compute_pool;
 use crate::data::{Rendered, Scene, SceneConfig};
 use crate::eval::baselines::KMeansConfig;
 use crate::eval::{self, baseline_reports, format_table, held_out_scenes, Report};
@@ -70,8 +71,9 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
 
 /// The model's report on `scenes` (batches of `batch`), followed by the k-means (k = the
 /// model's slot count), one-cluster and ground-truth-on-the-feature-grid baselines. With
-/// `renders` (the base seed of the renders' noise) it also scores reconstruction and removal;
-/// without, segmentation only.
+/// `renders` (the base seed of the renders' noise) it also scores reconstruction and removal,
+/// and ends with the VQ-VAE's own reconstruction (the renders' ceiling); without, segmentation
+/// only.
 pub fn evaluate_scenes(
     model: &SlotDiffusion,
     scenes: &[Scene],
@@ -79,12 +81,16 @@ pub fn evaluate_scenes(
     renders: Option<u64>,
 ) -> anyhow::Result<Vec<Report>> {
     let mut report = Report::new(format!("SlotDiffusion ({})", model.config().name));
+    let mut autoencoder = Report::new("VQ-VAE alone (render ceiling)");
     let rendered: Vec<Rendered> = scenes.iter().map(Scene::render).collect();
     for (chunk, (scene_chunk, rendered_chunk)) in
         scenes.chunks(batch.max(1)).zip(rendered.chunks(batch.max(1))).enumerate()
     {
         let base = renders.map(|seed| seed + (chunk * batch.max(1)) as u64);
         score_batch(model, scene_chunk, rendered_chunk, base, &mut report)?;
+        if renders.is_some() {
+            score_autoencoder(model, rendered_chunk, &mut autoencoder)?;
+        }
     }
     let kmeans = KMeansConfig { clusters: model.config().num_slots(), ..Default::default() };
     let mut reports = vec![report];
@@ -93,7 +99,40 @@ pub fn evaluate_scenes(
         None => (1, 1),
     };
     reports.extend(baseline_reports(&rendered, &kmeans, grid)?);
+    if renders.is_some() {
+        reports.push(autoencoder);
+    }
     Ok(reports)
+}
+
+/// The images of rendered scenes as one batch [B, 3, H, W] in [-1, 1].
+fn image_batch(rendered: &[Rendered], device: &Device) -> candle_core::Result<Tensor> {
+    let images = rendered
+        .iter()
+        .map(|r| {
+            let (h, w) = (r.height, r.width);
+            Tensor::from_vec(r.image_chw(), (3, h, w), device)?.affine(2.0, -1.0)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::stack(&images, 0)
+}
+
+/// Scores the VQ-VAE's own reconstruction (encode, quantize, decode) of each scene: the most
+/// any render can reach, since renders are decoded by it; the gap to the model's PSNR is the
+/// UNet's.
+fn score_autoencoder(
+    model: &SlotDiffusion,
+    rendered: &[Rendered],
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let images = image_batch(rendered, model.device())?;
+    let latents = on_compute_pool(|| model.vqvae().encode(&images))?;
+    let out = tensor_to_images(&model.decode_latents(&latents)?)?;
+    for (r, recon) in rendered.iter().zip(&out) {
+        report.scenes += 1;
+        report.add_reconstruction(&r.image, recon.as_raw());
+    }
+    Ok(())
 }
 
 /// Scores one batch: segmentation and, given the renders' base seed, reconstruction from
@@ -106,14 +145,7 @@ fn score_batch(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let device = model.device();
-    let images = rendered
-        .iter()
-        .map(|r| {
-            let (h, w) = (r.height, r.width);
-            Tensor::from_vec(r.image_chw(), (3, h, w), device)?.affine(2.0, -1.0)
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let images = Tensor::stack(&images, 0)?;
+    let images = image_batch(rendered, device)?;
     let parts = model.decompose(&images)?;
     let mut slot_sets = Vec::new();
     let mut removals = Vec::new();

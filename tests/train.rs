@@ -55,6 +55,7 @@ fn options(slot_steps: u64, vqvae_steps: u64, steps: u64) -> TrainOptions {
         vqvae_from: None,
         freeze_grouping: false,
         min_snr_gamma: 0.0,
+        ema_decay: 0.0,
     }
 }
 
@@ -97,11 +98,15 @@ fn resume_continues_bit_for_bit() {
     let dir = std::env::temp_dir().join(format!("slotserve-train-resume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     // 1 curriculum step, 2 VQ-VAE steps, then diffusion: the interruption at 4 falls
-    // inside stage 2, after every stage has run
-    let mut straight = trainer(1, 2, 4);
+    // inside stage 2, after every stage has run; the weight average is saved and restored too
+    let averaged = || {
+        let options = TrainOptions { ema_decay: 0.9, ..options(1, 2, 4) };
+        Trainer::new(tiny_config(), options, tiny_scenes(), &Device::Cpu).unwrap()
+    };
+    let mut straight = averaged();
     let want: Vec<f64> = (0..7).map(|_| straight.step().unwrap().loss).collect();
 
-    let mut first = trainer(1, 2, 4);
+    let mut first = averaged();
     for _ in 0..4 {
         first.step().unwrap();
     }
@@ -111,6 +116,10 @@ fn resume_continues_bit_for_bit() {
     assert_eq!(resumed.step_count(), 4);
     let got: Vec<f64> = (4..7).map(|_| resumed.step().unwrap().loss).collect();
     assert_eq!(got, want[4..], "losses after resuming differ");
+    let want_weights = exported(&straight, &dir, "straight");
+    for (name, got) in exported(&resumed, &dir, "resumed") {
+        assert!(same(&got, &want_weights[&name]), "exported {name} differs after resuming");
+    }
     // the exported model loads strictly as a model directory
     let model = slotserve::model::pipeline::SlotDiffusion::load(
         &dir.join(slotserve::train::MODEL_DIR),
@@ -264,4 +273,41 @@ fn min_snr_weighting_scales_a_samples_error_by_its_weight() {
         println!("SNR {:.3} γ {gamma}: {got} (want {want})", snr(stream));
         assert!((got - want).abs() <= 1e-5 * want, "γ {gamma}: {got} vs {want}");
     }
+}
+
+#[test]
+fn the_exported_model_holds_the_moving_average_of_the_trained_weights() {
+    let dir = std::env::temp_dir().join(format!("slotserve-train-ema-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // the UNet alone trains; the same run without an average gives the live weights
+    let run = |ema_decay: f64| {
+        let options = TrainOptions { ema_decay, freeze_grouping: true, ..options(0, 0, 2) };
+        Trainer::new(tiny_config(), options, tiny_scenes(), &Device::Cpu).unwrap()
+    };
+    let (mut live, mut averaged) = (run(0.0), run(0.5));
+    let mut weights = vec![exported(&live, &dir, "w0")];
+    for step in 1..=2 {
+        live.step().unwrap();
+        averaged.step().unwrap();
+        weights.push(exported(&live, &dir, &format!("w{step}")));
+    }
+    let mut differs = 0;
+    for (name, got) in exported(&averaged, &dir, "average") {
+        let value = |w: &HashMap<String, Tensor>| w[&name].flatten_all().unwrap();
+        if !name.starts_with(slotserve::config::UNET_PREFIX) {
+            assert!(same(&got, &weights[2][&name]), "{name} is not the live weight");
+            continue;
+        }
+        // decay 0.5 over two steps: ¼ w0 + ¼ w1 + ½ w2
+        let want = ((value(&weights[0]) * 0.25).unwrap() + (value(&weights[1]) * 0.25).unwrap())
+            .unwrap()
+            .add(&(value(&weights[2]) * 0.5).unwrap())
+            .unwrap();
+        let error = (got.flatten_all().unwrap() - &want).unwrap().abs().unwrap();
+        let error = error.max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(error <= 1e-6, "{name}: average off by {error}");
+        differs += usize::from(!same(&got, &weights[2][&name]));
+    }
+    assert!(differs > 0, "the average equals the live weights");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -11,12 +11,14 @@
 //! with the generator's instance masks ([`supervision`]); a run can start from another
 //! run's variables (`init_from`) and take another's trained VQ-VAE (`vqvae_from`); stage 2
 //! can train the UNet alone on a trained grouping (`freeze_grouping`) and weight its loss
-//! by Min-SNR (`min_snr_gamma`).
+//! by Min-SNR (`min_snr_gamma`), and the exported model can hold an exponential moving
+//! average of the weights a stage trains (`ema_decay`).
 //!
 //! Every random number of step `s` comes from a ChaCha8 stream derived from (seed, s), and
 //! the scenes of step `s` are the training scenes from `s·max(B, B_slots)` on, so a
 //! checkpoint (variables, Adam moments, step) resumes exactly.
 
+pub mod ema;
 pub mod evaluate;
 pub mod losses;
 pub mod optim;
@@ -46,6 +48,7 @@ use crate::model::slot_attention::SlotAttentionConfig;
 use crate::model::unet::UNetConfig;
 use crate::model::vit::ViTConfig;
 use crate::model::vqvae::VqVaeConfig;
+use ema::Ema;
 pub use evaluate::{eval, EvalArgs};
 use losses::{
     diffusion_losses, restarted_codebook, scene_batch, slot_losses, step_rng, vqvae_losses,
@@ -57,6 +60,7 @@ use optim::{Adam, AdamConfig};
 const STATE_FILE: &str = "state.json";
 const VARS_FILE: &str = "vars.safetensors";
 const OPTIM_FILE: &str = "optim.safetensors";
+const EMA_FILE: &str = "ema.safetensors";
 /// Sub-folder of the training folder holding the servable model (config + weights).
 pub const MODEL_DIR: &str = "model";
 
@@ -180,6 +184,10 @@ pub struct TrainOptions {
     /// unweighted loss); see [`losses::DenoiseRecipe`].
     #[serde(default)]
     pub min_snr_gamma: f64,
+    /// Decay of the moving average of the weights each stage trains, which the exported
+    /// model holds instead of the live weights (0: no average, the live weights).
+    #[serde(default)]
+    pub ema_decay: f64,
 }
 
 impl TrainOptions {
@@ -323,12 +331,15 @@ struct SavedState {
     scenes: SceneConfig,
 }
 
-/// A training run in memory: model, variables, optimizer and step counter.
+/// A training run in memory: model, variables, optimizer, weight average and step counter.
 pub struct Trainer {
     model: SlotDiffusion,
     vars: VarMap,
     aux: AuxDecoder,
     optim: Adam,
+    /// The average of the current stage's variables, from its first step taken (with
+    /// `ema_decay > 0`).
+    ema: Option<Ema>,
     stage: Stage,
     step: u64,
     options: TrainOptions,
@@ -349,7 +360,7 @@ impl Trainer {
         let aux = AuxDecoder::new(vb.pp(AUX_PREFIX), config.slot_size())?;
         let stage = options.stage_at(0);
         let optim = Adam::new(trained_vars(&vars, &options, stage), options.adam(stage))?;
-        Ok(Self { model, vars, aux, optim, stage, step: 0, options, scenes })
+        Ok(Self { model, vars, aux, optim, ema: None, stage, step: 0, options, scenes })
     }
 
     /// Replaces the variables whose names start with `prefix` (`""`: all of them) with their
@@ -384,6 +395,11 @@ impl Trainer {
             trainer.options.adam(saved.stage),
         )?;
         trainer.optim.load(&dir.join(OPTIM_FILE))?;
+        if dir.join(EMA_FILE).exists() {
+            let mut ema = trainer.new_ema(saved.stage)?;
+            ema.load(&dir.join(EMA_FILE))?;
+            trainer.ema = Some(ema);
+        }
         Ok(trainer)
     }
 
@@ -401,6 +417,9 @@ impl Trainer {
         };
         atomic_write(&dir.join(VARS_FILE), |p| Ok(self.vars.save(p)?))?;
         atomic_write(&dir.join(OPTIM_FILE), |p| Ok(self.optim.save(p)?))?;
+        if let Some(ema) = &self.ema {
+            atomic_write(&dir.join(EMA_FILE), |p| Ok(ema.save(p)?))?;
+        }
         self.export(&dir.join(MODEL_DIR))?;
         atomic_write(&dir.join(STATE_FILE), |p| {
             Ok(std::fs::write(p, serde_json::to_string_pretty(&state)? + "\n")?)
@@ -408,16 +427,21 @@ impl Trainer {
     }
 
     /// Writes the servable model to `dir`: `config.json` and `model.safetensors` with the
-    /// model's tensors only (official names; the auxiliary decoder is left out).
+    /// model's tensors only (official names; the auxiliary decoder is left out), the averaged
+    /// ones where the run keeps an average.
     pub fn export(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
         let data = self.vars.data().lock().map_err(|_| anyhow::anyhow!("var map poisoned"))?;
-        let tensors: HashMap<String, Tensor> = data
+        let mut tensors: HashMap<String, Tensor> = data
             .iter()
             .filter(|(name, _)| !name.starts_with(AUX_PREFIX))
             .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
             .collect();
         drop(data);
+        let averages = self.ema.iter().flat_map(Ema::averages);
+        for (name, average) in averages.filter(|(name, _)| !name.starts_with(AUX_PREFIX)) {
+            tensors.insert(name.to_string(), average.clone());
+        }
         atomic_write(&dir.join(WEIGHTS_FILE), |p| {
             Ok(candle_core::safetensors::save(&tensors, p)?)
         })?;
@@ -465,6 +489,10 @@ impl Trainer {
             self.stage = stage;
             let vars = trained_vars(&self.vars, &self.options, stage);
             self.optim = Adam::new(vars, self.options.adam(stage))?;
+            self.ema = None;
+        }
+        if self.ema.is_none() && self.options.ema_decay > 0.0 {
+            self.ema = Some(self.new_ema(stage)?);
         }
         let mut rng = step_rng(self.options.seed, self.step);
         let mut restart = None;
@@ -496,6 +524,9 @@ impl Trainer {
         };
         let grads = loss.backward()?;
         let grad_norm = self.optim.step(&grads)?;
+        if let Some(ema) = &mut self.ema {
+            ema.update()?;
+        }
         if let Some(codebook) = restart {
             self.codebook_var()?.set(&codebook)?;
         }
@@ -511,6 +542,11 @@ impl Trainer {
         };
         self.step += 1;
         Ok(stats)
+    }
+
+    /// An average of the variables `stage` trains, starting at their current values.
+    fn new_ema(&self, stage: Stage) -> candle_core::Result<Ema> {
+        Ema::new(trained_vars(&self.vars, &self.options, stage), self.options.ema_decay)
     }
 
     /// The live codebook [n_embed, embed_dim].
@@ -608,6 +644,10 @@ pub struct TrainArgs {
     /// Min-SNR-γ weighting of the denoising loss (e.g. 5; 0: the official unweighted loss).
     #[arg(long, default_value_t = 0.0)]
     pub min_snr_gamma: f64,
+    /// Export the moving average of the weights each stage trains with this decay (e.g.
+    /// 0.999: about the last thousand steps), instead of the live weights (0).
+    #[arg(long, default_value_t = 0.0)]
+    pub ema_decay: f64,
     /// The encoder of the default model.
     #[arg(long, value_enum, default_value_t = EncoderKind::Vit)]
     pub encoder: EncoderKind,
@@ -647,6 +687,7 @@ impl TrainArgs {
             vqvae_from: self.vqvae_from.clone(),
             freeze_grouping: self.freeze_grouping,
             min_snr_gamma: self.min_snr_gamma,
+            ema_decay: self.ema_decay,
         }
     }
 }

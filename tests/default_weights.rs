@@ -5,8 +5,8 @@
 //! not reach it yet (measured FG-ARI 0.684, mBO 0.650: `weights/README.md` says why and what
 //! comes next), so until they do the test holds them to what they measured and to beating
 //! k-means on pixel colours. Raise the bars with the weights, up to the gate. The renders are
-//! held to what they measured too (reconstruction 16.0 dB and removal 16.6 dB PSNR, with the
-//! eval's fixed seeds).
+//! held to what they measured too (reconstruction 17.2 dB and removal 17.5 dB PSNR, with the
+//! eval's fixed seeds), and stay below what the VQ-VAE alone reconstructs (20.7 dB).
 
 use std::path::Path;
 
@@ -25,9 +25,9 @@ const MIN_FG_ARI: f64 = 0.66;
 const MIN_MBO: f64 = 0.64;
 /// Reconstruction PSNR (dB) the committed weights measured on these scenes, less 0.5 dB (the
 /// project's gate, on 500 scenes: 26 dB).
-const MIN_PSNR: f64 = 15.5;
+const MIN_PSNR: f64 = 16.6;
 /// Removal PSNR (dB) inside the removed object, as [`MIN_PSNR`] (the gate: 22 dB).
-const MIN_REMOVAL_PSNR: f64 = 16.1;
+const MIN_REMOVAL_PSNR: f64 = 16.9;
 
 #[test]
 fn default_weights_fit_the_repository_budget() {
@@ -50,6 +50,9 @@ fn default_weights_group_and_render_held_out_scenes_as_committed() {
     let psnr = reports[0].psnr.value().unwrap();
     let removal = reports[0].removal_inside.value().unwrap();
     assert!(psnr >= MIN_PSNR, "reconstruction PSNR {psnr:.2} dB is below {MIN_PSNR}");
+    // renders are decoded by the VQ-VAE: its own reconstruction bounds them
+    let ceiling = reports.last().unwrap().psnr.value().unwrap();
+    assert!(psnr < ceiling, "renders ({psnr:.2} dB) above the VQ-VAE's own {ceiling:.2} dB");
     assert!(
         removal >= MIN_REMOVAL_PSNR,
         "removal PSNR {removal:.2} dB is below {MIN_REMOVAL_PSNR}"

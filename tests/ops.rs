@@ -64,10 +64,10 @@ fn conv2d_matches_candle() {
         ConvCase(4, 32, 4, 5, 3, 3, 1, 1), // output narrower than a pixel panel
         ConvCase(3, 20, 9, 6, 32, 3, 1, 1), // rows a whole number of panels: read in place
         ConvCase(2, 7, 5, 7, 7, 1, 1, 0),  // 1×1 over 49 pixels: padded positions
-        ConvCase(2, 6, 7, 34, 32, 3, 2, 1), // stride 2, output rows one panel: phase planes
-        ConvCase(1, 5, 6, 31, 30, 3, 2, 1), // stride 2, odd height: phase plane positions
+        ConvCase(2, 6, 7, 34, 32, 3, 2, 1), // stride 2, output rows of one whole panel
+        ConvCase(1, 5, 6, 31, 30, 3, 2, 1), // stride 2, odd height, 15-pixel output rows
         ConvCase(2, 8, 6, 10, 64, 1, 2, 0), // 1×1 stride 2 (a ResNet shortcut)
-        ConvCase(1, 3, 10, 24, 24, 4, 4, 0), // patch embedding: 16 phase planes
+        ConvCase(1, 3, 10, 24, 24, 4, 4, 0), // 4×4 stride 4 (a patch embedding)
     ];
     for (i, &ConvCase(b, cin, cout, h, w, k, stride, padding)) in cases.iter().enumerate() {
         let seed = 10 * i as u64;

@@ -81,15 +81,16 @@ pub fn evaluate_scenes(
     renders: Option<u64>,
 ) -> anyhow::Result<Vec<Report>> {
     let mut report = Report::new(format!("SlotDiffusion ({})", model.config().name));
-    let mut autoencoder = Report::new("VQ-VAE alone (render ceiling)");
+    let mut autoencoder = renders.map(|_| Report::new("VQ-VAE alone (render ceiling)"));
     let rendered: Vec<Rendered> = scenes.iter().map(Scene::render).collect();
     for (chunk, (scene_chunk, rendered_chunk)) in
         scenes.chunks(batch.max(1)).zip(rendered.chunks(batch.max(1))).enumerate()
     {
+        let images = image_batch(rendered_chunk, model.device())?;
         let base = renders.map(|seed| seed + (chunk * batch.max(1)) as u64);
-        score_batch(model, scene_chunk, rendered_chunk, base, &mut report)?;
-        if renders.is_some() {
-            score_autoencoder(model, rendered_chunk, &mut autoencoder)?;
+        score_batch(model, scene_chunk, rendered_chunk, &images, base, &mut report)?;
+        if let Some(autoencoder) = &mut autoencoder {
+            score_autoencoder(model, rendered_chunk, &images, autoencoder)?;
         }
     }
     let kmeans = KMeansConfig { clusters: model.config().num_slots(), ..Default::default() };
@@ -99,9 +100,7 @@ pub fn evaluate_scenes(
         None => (1, 1),
     };
     reports.extend(baseline_reports(&rendered, &kmeans, grid)?);
-    if renders.is_some() {
-        reports.push(autoencoder);
-    }
+    reports.extend(autoencoder);
     Ok(reports)
 }
 
@@ -117,16 +116,16 @@ fn image_batch(rendered: &[Rendered], device: &Device) -> candle_core::Result<Te
     Tensor::stack(&images, 0)
 }
 
-/// Scores the VQ-VAE's own reconstruction (encode, quantize, decode) of each scene: the most
-/// any render can reach, since renders are decoded by it; the gap to the model's PSNR is the
-/// UNet's.
+/// Scores the VQ-VAE's own reconstruction (encode, quantize, decode) of each scene (`images`,
+/// their [`image_batch`]): the most any render can reach, since renders are decoded by it; the
+/// gap to the model's PSNR is the UNet's.
 fn score_autoencoder(
     model: &SlotDiffusion,
     rendered: &[Rendered],
+    images: &Tensor,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let images = image_batch(rendered, model.device())?;
-    let latents = on_compute_pool(|| model.vqvae().encode(&images))?;
+    let latents = on_compute_pool(|| model.vqvae().encode(images))?;
     let out = tensor_to_images(&model.decode_latents(&latents)?)?;
     for (r, recon) in rendered.iter().zip(&out) {
         report.scenes += 1;
@@ -135,18 +134,19 @@ fn score_autoencoder(
     Ok(())
 }
 
-/// Scores one batch: segmentation and, given the renders' base seed, reconstruction from
-/// all slots and removal of the slot that best covers the largest visible object.
+/// Scores one batch (`images`, the [`image_batch`] of `rendered`): segmentation and, given the
+/// renders' base seed, reconstruction from all slots and removal of the slot that best covers
+/// the largest visible object.
 fn score_batch(
     model: &SlotDiffusion,
     scenes: &[Scene],
     rendered: &[Rendered],
+    images: &Tensor,
     seed: Option<u64>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let device = model.device();
-    let images = image_batch(rendered, device)?;
-    let parts = model.decompose(&images)?;
+    let parts = model.decompose(images)?;
     let mut slot_sets = Vec::new();
     let mut removals = Vec::new();
     for (i, r) in rendered.iter().enumerate() {

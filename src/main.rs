@@ -9,6 +9,7 @@ use slotserve::api::{self, ServeArgs};
 use slotserve::bench::{self, BenchArgs};
 use slotserve::commands::{self, RenderSpec, RenderStart, SlotSelection};
 use slotserve::config::{ModelConfig, Preset};
+use slotserve::cpu_runtime::Workload;
 use slotserve::data::{self, SceneConfig};
 use slotserve::device::{DTypeChoice, DeviceChoice};
 use slotserve::logging::{self, LogFormat};
@@ -160,8 +161,12 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    slotserve::cpu_runtime::configure();
     let cli = Cli::parse();
+    let workload = match cli.command {
+        Command::Train(_) => Workload::Training,
+        _ => Workload::Inference,
+    };
+    slotserve::cpu_runtime::configure(workload);
     logging::init(cli.log_format);
     match cli.command {
         Command::Bench(args) => bench::run(&args)?,

@@ -390,20 +390,24 @@ fn trainable_conv2d_has_candles_gradients() {
         ConvCase(2, 6, 3, 8, 7, 1, 1, 0),   // 1×1
         ConvCase(1, 3, 8, 12, 12, 4, 4, 0), // ViT patch embedding
     ];
-    for (i, &ConvCase(b, cin, cout, h, w, k, stride, padding)) in cases.iter().enumerate() {
+    let with_and_without_bias = cases.iter().enumerate().flat_map(|c| [(c, true), (c, false)]);
+    for ((i, &ConvCase(b, cin, cout, h, w, k, stride, padding)), with_bias) in with_and_without_bias
+    {
         let seed = 200 + 10 * i as u64;
         let x = random(&[b, cin, h, w], seed, 0.0, 1.0);
         let weight =
             candle_core::Var::from_tensor(&random(&[cout, cin, k, k], seed + 1, 0.0, 0.3)).unwrap();
         let bias = candle_core::Var::from_tensor(&random(&[cout], seed + 2, 0.0, 1.0)).unwrap();
         let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-        let (wt, bt) = (weight.as_tensor().clone(), Some(bias.as_tensor().clone()));
+        let wt = weight.as_tensor().clone();
+        let bt = with_bias.then(|| bias.as_tensor().clone());
         let ours = ops::Conv2d::new(wt.clone(), bt.clone(), cfg).unwrap();
         let plain = candle_nn::Conv2d::new(wt, bt, cfg);
-        let got = gradients(&x, &[&weight, &bias], |x| ours.forward(x).unwrap());
-        let want = gradients(&x, &[&weight, &bias], |x| plain.forward(x).unwrap());
+        let vars = if with_bias { vec![&weight, &bias] } else { vec![&weight] };
+        let got = gradients(&x, &vars, |x| ours.forward(x).unwrap());
+        let want = gradients(&x, &vars, |x| plain.forward(x).unwrap());
         for (what, (g, w)) in ["input", "weight", "bias"].iter().zip(got.iter().zip(&want)) {
-            assert_close(&format!("conv {i} d{what}"), g, w);
+            assert_close(&format!("conv {i} (bias {with_bias}) d{what}"), g, w);
         }
     }
 }

@@ -1,5 +1,8 @@
 //! The differentiable CPU convolution used while training: patch extraction (im2col) as an op of
 //! its own whose backward is its exact adjoint (col2im), followed by one matrix product.
+//! The bias rides in that product as one more weight column against a column of ones, so its
+//! gradient comes out of the weight gradient's product rather than from a separate sum over
+//! batch and pixels, which candle computes on one thread.
 //!
 //! candle differentiates its CPU `conv2d` through `conv_transpose2d`, which runs about 9× the
 //! forward's time here; written as patches × weights, every gradient is a matrix product
@@ -34,14 +37,16 @@ pub fn conv2d(
     if in_h + 2 * cfg.padding < kh || in_w + 2 * cfg.padding < kw {
         candle_core::bail!("conv2d: input {in_h}×{in_w} is smaller than the {kh}×{kw} kernel")
     }
-    let grid = Patches::new((channels, in_h, in_w), (kh, kw), cfg.stride, cfg.padding);
-    let cols = x.contiguous()?.apply_op1(Im2col(grid))?; // [B·OH·OW, C·kh·kw]
-    let y = cols.matmul(&weight.reshape((out_c, grid.depth()))?.t()?)?; // [B·OH·OW, O]
-    let y = y.reshape((batch, grid.out_h, grid.out_w, out_c))?.permute((0, 3, 1, 2))?;
-    match bias {
-        Some(bias) => y.broadcast_add(&bias.reshape((1, out_c, 1, 1))?),
-        None => y.contiguous(),
-    }
+    let grid =
+        Patches::new((channels, in_h, in_w), (kh, kw), cfg.stride, cfg.padding, bias.is_some());
+    let cols = x.contiguous()?.apply_op1(Im2col(grid))?; // [B·OH·OW, C·kh·kw (+ 1)]
+    let weight = weight.reshape((out_c, grid.depth()))?;
+    let weight = match bias {
+        Some(bias) => Tensor::cat(&[&weight, &bias.reshape((out_c, 1))?], 1)?,
+        None => weight,
+    };
+    let y = cols.matmul(&weight.t()?)?; // [B·OH·OW, O]
+    y.reshape((batch, grid.out_h, grid.out_w, out_c))?.permute((0, 3, 1, 2))?.contiguous()
 }
 
 /// The patch geometry of one convolution's input.
@@ -56,6 +61,8 @@ struct Patches {
     padding: usize,
     out_h: usize,
     out_w: usize,
+    /// Whether each patch row ends with a 1, the input of the bias column.
+    ones_column: bool,
 }
 
 impl Patches {
@@ -64,6 +71,7 @@ impl Patches {
         kernel: (usize, usize),
         stride: usize,
         padding: usize,
+        ones_column: bool,
     ) -> Self {
         let (channels, in_h, in_w) = input;
         let (kh, kw) = kernel;
@@ -78,12 +86,18 @@ impl Patches {
             padding,
             out_h: out(in_h, kh),
             out_w: out(in_w, kw),
+            ones_column,
         }
     }
 
-    /// Values in one patch: a row of the patch matrix.
+    /// Values in one patch.
     fn depth(&self) -> usize {
         self.channels * self.kh * self.kw
+    }
+
+    /// Length of a row of the patch matrix: the patch, then the 1 of the bias column if any.
+    fn row_len(&self) -> usize {
+        self.depth() + usize::from(self.ones_column)
     }
 
     fn image_len(&self) -> usize {
@@ -95,14 +109,15 @@ impl Patches {
     }
 
     /// Calls `visit(patch_index, image_index)` for every element of every patch of one image
-    /// that falls inside the image (padding elements are skipped), in patch-matrix order.
+    /// that falls inside the image (padding elements and the ones column are skipped), in
+    /// patch-matrix order.
     fn for_each(&self, mut visit: impl FnMut(usize, usize)) {
         let inside = |pos: usize, k: usize, n: usize| {
             (pos * self.stride + k).checked_sub(self.padding).filter(|&i| i < n)
         };
         for oy in 0..self.out_h {
             for ox in 0..self.out_w {
-                let row = (oy * self.out_w + ox) * self.depth();
+                let row = (oy * self.out_w + ox) * self.row_len();
                 for c in 0..self.channels {
                     for ky in 0..self.kh {
                         let Some(iy) = inside(oy, ky, self.in_h) else { continue };
@@ -118,7 +133,8 @@ impl Patches {
     }
 }
 
-/// Patch extraction: [B, C, H, W] → [B·OH·OW, C·kh·kw], zeros where a patch overlaps the padding.
+/// Patch extraction: [B, C, H, W] → [B·OH·OW, C·kh·kw (+ 1)], zeros where a patch overlaps the
+/// padding, each row followed by a 1 when the geometry has a ones column.
 struct Im2col(Patches);
 
 impl CustomOp1 for Im2col {
@@ -130,12 +146,15 @@ impl CustomOp1 for Im2col {
         let p = &self.0;
         let x = super::contiguous_f32(storage, layout)?;
         let batch = layout.shape().dims()[0];
-        let per_image = p.rows_per_image() * p.depth();
+        let per_image = p.rows_per_image() * p.row_len();
         let mut cols = vec![0f32; batch * per_image];
         cols.par_chunks_mut(per_image).zip(x.par_chunks(p.image_len())).for_each(|(out, image)| {
+            if p.ones_column {
+                out.chunks_exact_mut(p.row_len()).for_each(|row| row[p.depth()] = 1.0);
+            }
             p.for_each(|dst, src| out[dst] = image[src]);
         });
-        Ok((CpuStorage::F32(cols), Shape::from((batch * p.rows_per_image(), p.depth()))))
+        Ok((CpuStorage::F32(cols), Shape::from((batch * p.rows_per_image(), p.row_len()))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -156,7 +175,7 @@ impl CustomOp1 for Col2im {
         let cols = super::contiguous_f32(storage, layout)?;
         let batch = layout.shape().dims()[0] / p.rows_per_image();
         let mut x = vec![0f32; batch * p.image_len()];
-        let per_image = p.rows_per_image() * p.depth();
+        let per_image = p.rows_per_image() * p.row_len();
         x.par_chunks_mut(p.image_len()).zip(cols.par_chunks(per_image)).for_each(|(image, col)| {
             p.for_each(|src, dst| image[dst] += col[src]);
         });

@@ -1,11 +1,13 @@
 //! Process-wide settings for running the models on a CPU, applied once at start-up
 //! ([`configure`]).
 //!
-//! - Memory: every layer allocates its output afresh, megabytes to tens of megabytes at a
-//!   time. With its default settings glibc serves such blocks with fresh memory maps (its
-//!   threshold adapts only up to the sizes it has seen freed) and returns freed heap to the
-//!   system, so the next layer's output faults in and zero-fills its pages again: a sixth of
-//!   the time of a batch-8 decompose. We make it keep and reuse that memory instead.
+//! - Memory: every layer allocates its output afresh, megabytes to hundreds of megabytes at a
+//!   time (a training step's patch matrices). A general-purpose allocator serves such blocks
+//!   with fresh memory maps or hands freed ones back to the system, so the next layer's output
+//!   faults in and zero-fills its pages again: a sixth of the time of a batch-8 decompose,
+//!   a quarter of a VQ-VAE training step's (a million page faults a step). The binary runs on
+//!   mimalloc, told here never to return freed memory to the system but to reuse it: the
+//!   process keeps its peak, which the request limits bound.
 //! - Threads: the heavy work runs in `ops` on rayon's global pool. candle 0.11 runs its own
 //!   elementwise operations (large additions, activations) on a second pool of spinning
 //!   workers; on a small, shared CPU these spin against the rayon threads and wait on
@@ -19,12 +21,10 @@
 //!   hundreds of times a UNet evaluation. The model's entry points run on a pool thread
 //!   instead ([`on_compute_pool`]), where those loops start in place: 3 % off a voc render.
 
-/// Blocks up to this size come from the reusable heap (glibc's largest allowed threshold).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const MMAP_THRESHOLD: i32 = 32 << 20;
-/// Extra heap requested whenever the heap grows, so that growth happens rarely.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const TOP_PAD: i32 = 256 << 20;
+/// mimalloc's `mi_option_purge_delay` (its position in `mimalloc.h`'s `mi_option_e`, which
+/// `libmimalloc-sys` does not name): how long freed memory waits before it is returned to the
+/// system, in milliseconds; -1 never.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// candle's variable for the size of its elementwise pool (the calling thread included).
 const CANDLE_THREADS_ENV: &str = "CANDLE_NUM_THREADS";
 
@@ -48,16 +48,11 @@ pub fn configure(workload: Workload) {
     }
 }
 
-/// Tells the C allocator (glibc on Linux) to keep freed memory for reuse rather than return it
-/// to the system, and to serve blocks of up to 32 MiB from it; elsewhere it does nothing.
+/// Tells mimalloc, the binary's allocator, to keep freed memory for reuse rather than return
+/// it to the system; with any other allocator (the library's tests) it changes nothing.
 fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; these values are within its limits.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TOP_PAD, TOP_PAD);
-    }
+    // SAFETY: mi_option_set only changes an allocator parameter, read when memory is freed.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
 }
 
 /// Runs `work` on a thread of rayon's global pool (in place when already on one) and returns
@@ -66,4 +61,18 @@ fn keep_freed_memory() {
 /// their layers start from inside the pool rather than each waking it from outside.
 pub fn on_compute_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| work())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_option_set_is_mimallocs_purge_delay() {
+        let purge_delay = || unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        // The purge delay defaults to 1000 ms in the mimalloc built here (its neighbours: 1, 0).
+        assert_eq!(purge_delay(), 1000);
+        keep_freed_memory();
+        assert_eq!(purge_delay(), -1);
+    }
 }

@@ -17,6 +17,10 @@ use slotserve::model::pipeline::SlotDiffusion;
 use slotserve::model::sampler::SamplerKind;
 use slotserve::train::{self, EvalArgs, TrainArgs};
 
+/// mimalloc, kept from returning freed memory to the system by `cpu_runtime::configure`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Object-centric image editing with SlotDiffusion models.
 #[derive(Parser)]
 #[command(version, about)]

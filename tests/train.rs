@@ -6,6 +6,7 @@ use candle_core::{Device, Tensor};
 use slotserve::config::ModelConfig;
 use slotserve::data::{Scene, SceneConfig};
 use slotserve::model::encoder::{BackboneConfig, EncoderConfig};
+use slotserve::model::pipeline::SlotDiffusion;
 use slotserve::model::resnet::ResNetConfig;
 use slotserve::train::losses::scene_batch;
 use slotserve::train::{
@@ -15,7 +16,7 @@ use slotserve::train::{
 /// The default model shrunk for tests: 32² scenes, 8² grid, 4 slots, UNet width 32, a
 /// two-level VQ-VAE with 64 codes.
 fn tiny_config() -> ModelConfig {
-    let mut cfg = default_config(EncoderKind::Resnet, 32, 32);
+    let mut cfg = default_config(EncoderKind::Resnet, 16, 32, 32).unwrap();
     cfg.encoder = EncoderConfig {
         backbone: BackboneConfig::Resnet(ResNetConfig { stem_channels: 32, blocks: vec![1, 1, 1] }),
         grid_size: 8,
@@ -310,4 +311,23 @@ fn the_exported_model_holds_the_moving_average_of_the_trained_weights() {
     }
     assert!(differs > 0, "the average equals the live weights");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_grid_size_sets_the_encoders_stride_and_so_the_resolution_of_the_masks() {
+    for (encoder, grid) in
+        [(EncoderKind::Vit, 16), (EncoderKind::Vit, 32), (EncoderKind::Resnet, 32)]
+    {
+        let config = default_config(encoder, grid, 32, 32).unwrap();
+        assert_eq!(config.resolution, 64, "{encoder:?} grid {grid}");
+        let vars = candle_nn::VarMap::new();
+        let model = SlotDiffusion::random(&config, 1, &vars, &Device::Cpu).unwrap();
+        assert_eq!(model.encoder().grid(64, 64), (grid, grid));
+        let images = Tensor::zeros((1, 3, 64, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let features = model.encoder().forward(&images).unwrap();
+        assert_eq!(features.dims()[..2], [1, grid * grid], "{encoder:?} grid {grid}");
+    }
+    // patches must tile the scene, and the ResNet halves the grid stage by stage
+    assert!(default_config(EncoderKind::Vit, 24, 32, 32).is_err());
+    assert!(default_config(EncoderKind::Resnet, 24, 32, 32).is_err());
 }

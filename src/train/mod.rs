@@ -29,7 +29,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
@@ -68,36 +68,56 @@ pub const MODEL_DIR: &str = "model";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum EncoderKind {
-    /// ResNet (stem 32, one block per stage, stride 4): the preset's encoder family.
+    /// ResNet (stem 32, one block per stage, as many stages as the grid needs: three for
+    /// 16×16): the preset's encoder family.
     Resnet,
-    /// A 3-layer ViT with 4×4 patches, width 64: cheaper at 64².
+    /// A 3-layer ViT of width 64 with square patches, as many as the feature grid has cells:
+    /// cheaper at 64².
     Vit,
 }
 
-/// The small SlotDiffusion of the embedded default model, for 64² scenes: 16² feature grid,
+/// The side of the default model's scenes and images.
+const SCENE_SIZE: usize = 64;
+
+/// The small SlotDiffusion of the embedded default model, for 64² scenes: a `grid_size`²
+/// feature grid (the masks' resolution: 16 by default, 32 for finer masks),
 /// 7 slots of width 64, a 2-level UNet of width `unet_channels` on the 16² × 3 latent of a
 /// VQ-VAE of base width `vqvae_channels` (×4 downsampling, 1024 codes).
 pub fn default_config(
     encoder: EncoderKind,
+    grid_size: usize,
     unet_channels: usize,
     vqvae_channels: usize,
-) -> ModelConfig {
+) -> anyhow::Result<ModelConfig> {
     let slot_size = 64;
     let backbone = match encoder {
         EncoderKind::Resnet => {
-            BackboneConfig::Resnet(ResNetConfig { stem_channels: 32, blocks: vec![1, 1, 1] })
+            // one block per stage, each stage after the first halving the grid
+            let stride = SCENE_SIZE / grid_size.max(1);
+            ensure!(
+                stride.is_power_of_two() && stride * grid_size == SCENE_SIZE,
+                "the ResNet's stride is a power of two: no grid of {grid_size} on {SCENE_SIZE}² scenes"
+            );
+            let stages = stride.trailing_zeros() as usize + 1;
+            BackboneConfig::Resnet(ResNetConfig { stem_channels: 32, blocks: vec![1; stages] })
         }
-        EncoderKind::Vit => BackboneConfig::Vit(ViTConfig {
-            hidden_size: 64,
-            num_layers: 3,
-            num_heads: 2,
-            intermediate_size: 128,
-            patch_size: 4,
-            grid_size: 16,
-        }),
+        EncoderKind::Vit => {
+            ensure!(
+                grid_size > 0 && SCENE_SIZE.is_multiple_of(grid_size),
+                "a ViT grid of {grid_size} does not divide {SCENE_SIZE}² scenes into patches"
+            );
+            BackboneConfig::Vit(ViTConfig {
+                hidden_size: 64,
+                num_layers: 3,
+                num_heads: 2,
+                intermediate_size: 128,
+                patch_size: SCENE_SIZE / grid_size,
+                grid_size,
+            })
+        }
     };
-    let encoder = EncoderConfig { backbone, grid_size: 16, out_channels: slot_size };
-    ModelConfig {
+    let encoder = EncoderConfig { backbone, grid_size, out_channels: slot_size };
+    Ok(ModelConfig {
         name: "shapes".into(),
         preset: Preset::Shapes,
         resolution: encoder.input_resolution(),
@@ -132,7 +152,7 @@ pub fn default_config(
         },
         schedule: ScheduleConfig::default(),
         sampler: SamplerDefaults::default(),
-    }
+    })
 }
 
 /// The recipe: everything that decides the numbers a run computes (stored beside the
@@ -651,6 +671,11 @@ pub struct TrainArgs {
     /// The encoder of the default model.
     #[arg(long, value_enum, default_value_t = EncoderKind::Vit)]
     pub encoder: EncoderKind,
+    /// Side of the encoder's feature grid, the resolution of the slot masks (the ViT's
+    /// patches are 64 / this: 16 gives 4×4 patches, 32 gives 2×2; the ResNet has one
+    /// stage fewer at 32).
+    #[arg(long, default_value_t = 16)]
+    pub grid_size: usize,
     /// UNet base width.
     #[arg(long, default_value_t = 64)]
     pub unet_channels: usize,
@@ -705,7 +730,8 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
                 args.out.display()
             );
         }
-        let config = default_config(args.encoder, args.unet_channels, args.vqvae_channels);
+        let config =
+            default_config(args.encoder, args.grid_size, args.unet_channels, args.vqvae_channels)?;
         let mut trainer = Trainer::new(config, args.options(), SceneConfig::default(), &device)?;
         if let Some(dir) = &args.init_from {
             trainer.initialise_from(dir, "")?;

@@ -331,3 +331,43 @@ fn the_grid_size_sets_the_encoders_stride_and_so_the_resolution_of_the_masks() {
     assert!(default_config(EncoderKind::Vit, 24, 32, 32).is_err());
     assert!(default_config(EncoderKind::Resnet, 24, 32, 32).is_err());
 }
+
+/// `slotserve train` told to stop (SIGTERM, as `docker stop` does) saves its checkpoint after
+/// the step it is on, so a resumed run loses nothing.
+#[cfg(unix)]
+#[test]
+fn a_terminated_training_run_saves_its_checkpoint_before_it_exits() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = std::env::temp_dir().join(format!("slotserve-train-stop-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_slotserve"))
+        .args(["train", "--slot-steps", "100000", "--vqvae-steps", "0", "--steps", "0"])
+        .args(["--slot-batch", "1", "--log-every", "1", "--checkpoint-secs", "100000"])
+        .args(["--max-steps", "1000"]) // a bound, should the signal go unheard
+        .arg("--out")
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines().map(Result::unwrap);
+    // a few steps in, with no checkpoint written yet
+    assert!(lines.by_ref().filter(|l| l.starts_with("step ")).nth(2).is_some());
+    assert!(!dir.join("state.json").exists());
+    let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let last = lines.last().unwrap();
+    assert!(child.wait().unwrap().success(), "after {last}");
+    let step: u64 = last
+        .strip_prefix("checkpoint at step ")
+        .and_then(|rest| rest.strip_suffix(" (stopped)"))
+        .unwrap_or_else(|| panic!("last line: {last}"))
+        .parse()
+        .unwrap();
+    assert!((3..1000).contains(&step), "{last}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], step);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

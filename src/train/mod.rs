@@ -27,12 +27,15 @@ pub mod supervision;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
+use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::config::{
     ModelConfig, Preset, SamplerDefaults, CONFIG_FILE, UNET_PREFIX, VQVAE_PREFIX, WEIGHTS_FILE,
@@ -758,7 +761,11 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     let (start, start_step) = (Instant::now(), trainer.step_count());
     let mut last_save = Instant::now();
     let mut taken = 0;
-    while !trainer.is_done() && (args.max_steps == 0 || taken < args.max_steps) {
+    let stop = stop_on_signal()?;
+    while !trainer.is_done()
+        && (args.max_steps == 0 || taken < args.max_steps)
+        && !stop.load(Ordering::SeqCst)
+    {
         let stats = trainer.step()?;
         taken += 1;
         if taken % args.log_every.max(1) == 0 {
@@ -772,6 +779,19 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     }
     trainer.save(&args.out)?;
     say(format!("checkpoint at step {} (stopped)", trainer.step_count()))
+}
+
+/// A flag raised by the first SIGINT or SIGTERM, on which training saves its checkpoint after
+/// the current step and ends (nothing since the last checkpoint is lost); a second signal ends
+/// the process at once.
+fn stop_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        // registered first, so that it sees the flag the first signal raised only on the second
+        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, Arc::clone(&stop))?;
+        signal_hook::flag::register(signal, Arc::clone(&stop))?;
+    }
+    Ok(stop)
 }
 
 /// `step 1200/21500 [diffusion] loss 0.1234 (0.1000 + 0.0234) |g| 0.8 · 0.95 steps/s · ETA 5h 57m`

@@ -54,6 +54,7 @@ fn options(slot_steps: u64, vqvae_steps: u64, steps: u64) -> TrainOptions {
         mask_weight: 0.0,
         init_from: None,
         vqvae_from: None,
+        unet_from: None,
         freeze_grouping: false,
         min_snr_gamma: 0.0,
         ema_decay: 0.0,
@@ -189,7 +190,7 @@ fn same(a: &Tensor, b: &Tensor) -> bool {
 }
 
 #[test]
-fn a_run_starts_from_another_runs_variables_all_or_the_vqvae_only() {
+fn a_run_starts_from_another_runs_variables_all_or_the_vqvae_or_the_unet_only() {
     let dir = std::env::temp_dir().join(format!("slotserve-train-init-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut source = trainer(1, 1, 0);
@@ -208,19 +209,21 @@ fn a_run_starts_from_another_runs_variables_all_or_the_vqvae_only() {
     for (name, got) in export(&all, "all") {
         assert!(same(&got, &want[&name]), "{name} not taken from the source run");
     }
-    let mut vq_only = fresh();
-    let before = export(&vq_only, "before");
-    vq_only.initialise_from(&dir, slotserve::config::VQVAE_PREFIX).unwrap();
-    let mut moved = 0;
-    for (name, got) in export(&vq_only, "vq") {
-        if name.starts_with(slotserve::config::VQVAE_PREFIX) {
-            assert!(same(&got, &want[&name]), "{name} not taken from the source run");
-            moved += usize::from(!same(&got, &before[&name]));
-        } else {
-            assert!(same(&got, &before[&name]), "{name} changed");
+    for prefix in [slotserve::config::VQVAE_PREFIX, slotserve::config::UNET_PREFIX] {
+        let mut part_only = fresh();
+        let before = export(&part_only, "before");
+        part_only.initialise_from(&dir, prefix).unwrap();
+        let mut moved = 0;
+        for (name, got) in export(&part_only, prefix) {
+            if name.starts_with(prefix) {
+                assert!(same(&got, &want[&name]), "{name} not taken from the source run");
+                moved += usize::from(!same(&got, &before[&name]));
+            } else {
+                assert!(same(&got, &before[&name]), "{name} changed");
+            }
         }
+        assert!(moved > 0, "the source's {prefix} equals a fresh one");
     }
-    assert!(moved > 0, "the source's VQ-VAE equals a fresh one");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -9,7 +9,8 @@
 //! UNet with the latent denoising loss on the frozen VQ-VAE (plus the auxiliary loss).
 //! With `mask_weight > 0` the curriculum and stage 2 also supervise Slot Attention's masks
 //! with the generator's instance masks ([`supervision`]); a run can start from another
-//! run's variables (`init_from`) and take another's trained VQ-VAE (`vqvae_from`); stage 2
+//! run's variables (`init_from`) and take another's trained VQ-VAE (`vqvae_from`) or UNet
+//! (`unet_from`, e.g. a warm start on a new grouping); stage 2
 //! can train the UNet alone on a trained grouping (`freeze_grouping`) and weight its loss
 //! by Min-SNR (`min_snr_gamma`), and the exported model can hold an exponential moving
 //! average of the weights a stage trains (`ema_decay`).
@@ -198,6 +199,11 @@ pub struct TrainOptions {
     /// paper trains the VQ-VAE once and reuses it.
     #[serde(default)]
     pub vqvae_from: Option<PathBuf>,
+    /// The checkpoint folder of a run whose UNet this run takes (after `init_from`): a warm
+    /// start for a UNet on a new grouping or VQ-VAE, whose other parts may be configured
+    /// differently.
+    #[serde(default)]
+    pub unet_from: Option<PathBuf>,
     /// Stage 2 trains the UNet alone, on the slots of the encoder and Slot Attention as they
     /// start (no auxiliary losses): for a run whose grouping was trained already, with no
     /// backward pass through the encoder (1.2–1.3× the steps per second of the default model).
@@ -660,6 +666,10 @@ pub struct TrainArgs {
     /// a VQ-VAE trained once, as the paper does).
     #[arg(long)]
     pub vqvae_from: Option<PathBuf>,
+    /// Then take the UNet of the run checkpointed in this folder (a warm start, e.g. for a
+    /// UNet on a new grouping; only the UNets' sizes must agree).
+    #[arg(long)]
+    pub unet_from: Option<PathBuf>,
     /// Stage 2 trains the UNet alone on the slots of the grouping it starts from (with
     /// `--init-from` a run whose encoder and Slot Attention are trained).
     #[arg(long)]
@@ -713,6 +723,7 @@ impl TrainArgs {
             mask_weight: self.mask_weight,
             init_from: self.init_from.clone(),
             vqvae_from: self.vqvae_from.clone(),
+            unet_from: self.unet_from.clone(),
             freeze_grouping: self.freeze_grouping,
             min_snr_gamma: self.min_snr_gamma,
             ema_decay: self.ema_decay,
@@ -739,8 +750,9 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         if let Some(dir) = &args.init_from {
             trainer.initialise_from(dir, "")?;
         }
-        if let Some(dir) = &args.vqvae_from {
-            trainer.initialise_from(dir, VQVAE_PREFIX)?;
+        let parts = [(&args.vqvae_from, VQVAE_PREFIX), (&args.unet_from, UNET_PREFIX)];
+        for (dir, prefix) in parts.iter().filter_map(|(dir, p)| Some((dir.as_ref()?, p))) {
+            trainer.initialise_from(dir, prefix)?;
         }
         trainer
     };

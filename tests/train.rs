@@ -330,7 +330,7 @@ fn the_grid_size_sets_the_encoders_stride_and_so_the_resolution_of_the_masks() {
         let features = model.encoder().forward(&images).unwrap();
         assert_eq!(features.dims()[..2], [1, grid * grid], "{encoder:?} grid {grid}");
     }
-    // patches must tile the scene, and the ResNet halves the grid stage by stage
+    // the grid must tile the scene, whichever the encoder
     assert!(default_config(EncoderKind::Vit, 24, 32, 32).is_err());
     assert!(default_config(EncoderKind::Resnet, 24, 32, 32).is_err());
 }

@@ -94,31 +94,26 @@ pub fn default_config(
     vqvae_channels: usize,
 ) -> anyhow::Result<ModelConfig> {
     let slot_size = 64;
+    ensure!(
+        grid_size > 0 && SCENE_SIZE.is_multiple_of(grid_size),
+        "a grid of {grid_size} does not tile {SCENE_SIZE}² scenes"
+    );
+    let stride = SCENE_SIZE / grid_size;
     let backbone = match encoder {
         EncoderKind::Resnet => {
-            // one block per stage, each stage after the first halving the grid
-            let stride = SCENE_SIZE / grid_size.max(1);
-            ensure!(
-                stride.is_power_of_two() && stride * grid_size == SCENE_SIZE,
-                "the ResNet's stride is a power of two: no grid of {grid_size} on {SCENE_SIZE}² scenes"
-            );
+            // one block per stage, each stage after the first halving the grid (the stride
+            // divides 64, so it is a power of two)
             let stages = stride.trailing_zeros() as usize + 1;
             BackboneConfig::Resnet(ResNetConfig { stem_channels: 32, blocks: vec![1; stages] })
         }
-        EncoderKind::Vit => {
-            ensure!(
-                grid_size > 0 && SCENE_SIZE.is_multiple_of(grid_size),
-                "a ViT grid of {grid_size} does not divide {SCENE_SIZE}² scenes into patches"
-            );
-            BackboneConfig::Vit(ViTConfig {
-                hidden_size: 64,
-                num_layers: 3,
-                num_heads: 2,
-                intermediate_size: 128,
-                patch_size: SCENE_SIZE / grid_size,
-                grid_size,
-            })
-        }
+        EncoderKind::Vit => BackboneConfig::Vit(ViTConfig {
+            hidden_size: 64,
+            num_layers: 3,
+            num_heads: 2,
+            intermediate_size: 128,
+            patch_size: stride,
+            grid_size,
+        }),
     };
     let encoder = EncoderConfig { backbone, grid_size, out_channels: slot_size };
     Ok(ModelConfig {
@@ -750,9 +745,10 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         if let Some(dir) = &args.init_from {
             trainer.initialise_from(dir, "")?;
         }
-        let parts = [(&args.vqvae_from, VQVAE_PREFIX), (&args.unet_from, UNET_PREFIX)];
-        for (dir, prefix) in parts.iter().filter_map(|(dir, p)| Some((dir.as_ref()?, p))) {
-            trainer.initialise_from(dir, prefix)?;
+        for (dir, prefix) in [(&args.vqvae_from, VQVAE_PREFIX), (&args.unet_from, UNET_PREFIX)] {
+            if let Some(dir) = dir {
+                trainer.initialise_from(dir, prefix)?;
+            }
         }
         trainer
     };

@@ -118,15 +118,16 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// The full-size official configuration of `preset` (for random weights: benchmarks and
-    /// tests run the real network sizes without downloading a checkpoint).
+    /// The full-size configuration of `preset`: the official one, or for `Shapes` the embedded
+    /// default model's (for random weights: benchmarks and tests run the real network sizes
+    /// without a checkpoint).
     pub fn preset(preset: Preset) -> Self {
         let (num_slots, slot_size) = match preset {
             Preset::Clevrtex => (11, 192),
             Preset::Celeba => (4, 192),
             Preset::Voc => (6, 192),
             Preset::Coco => (7, 256),
-            Preset::Shapes => (7, 64),
+            Preset::Shapes => return Self::embedded_default(),
         };
         let backbone = match preset.uses_vit() {
             true => BackboneConfig::Vit(ViTConfig {
@@ -211,6 +212,13 @@ impl ModelConfig {
         })
     }
 
+    /// The configuration of the model committed in `weights/`, compiled in so that `bench` and
+    /// `init` size `--preset shapes` as the model `serve` runs by default.
+    pub fn embedded_default() -> Self {
+        serde_json::from_str(EMBEDDED_DEFAULT_CONFIG)
+            .expect("weights/config.json is a valid model configuration (checked by a unit test)")
+    }
+
     /// Reads `config.json`.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -236,9 +244,25 @@ impl ModelConfig {
     }
 }
 
+/// `weights/config.json`, the embedded default model's configuration.
+const EMBEDDED_DEFAULT_CONFIG: &str = include_str!("../weights/config.json");
+
 /// Where the official checkpoints keep the diffusion decoder (schedule buffers).
 pub const DECODER_PREFIX: &str = "dm_decoder";
 /// Where the official checkpoints keep the UNet.
 pub const UNET_PREFIX: &str = "dm_decoder.model.diffusion_model";
 /// Where the official checkpoints keep the VQ-VAE.
 pub const VQVAE_PREFIX: &str = "dm_decoder.vae.vqvae";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shapes_preset_is_the_configuration_of_the_committed_default_model() {
+        let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights").join(CONFIG_FILE);
+        let preset = ModelConfig::preset(Preset::Shapes);
+        assert_eq!(preset, ModelConfig::load(&committed).unwrap());
+        assert_eq!((preset.preset, preset.resolution), (Preset::Shapes, 64));
+    }
+}

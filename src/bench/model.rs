@@ -1,5 +1,5 @@
 //! `slotserve bench` without `--server`: how long the model takes in this process, for the
-//! official presets at full size with random weights (so no checkpoint is needed), in the same terms as
+//! presets at full size with random weights (so no checkpoint is needed), in the same terms as
 //! `scripts/time_pytorch.py` times the official code: decompose, one UNet evaluation, and a
 //! 20-evaluation render, at the batch sizes and in the dtype asked for.
 //!
@@ -24,7 +24,7 @@ const UNET_TIMESTEP: f32 = 500.0;
 /// What to measure in this process (not with `--server`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelBenchArgs {
-    /// Presets to measure (full official sizes, random weights).
+    /// Presets to measure (full sizes, random weights; `shapes` is the embedded default model).
     #[arg(long, value_enum, value_delimiter = ',', conflicts_with = "server",
         default_values_t = [Preset::Clevrtex, Preset::Voc])]
     pub presets: Vec<Preset>,

@@ -10,7 +10,7 @@ use slotserve::model::pipeline::SlotDiffusion;
 use slotserve::model::resnet::ResNetConfig;
 use slotserve::train::losses::scene_batch;
 use slotserve::train::{
-    default_config, evaluate::evaluate_scenes, EncoderKind, TrainOptions, Trainer,
+    default_config, evaluate::evaluate_scenes, EncoderKind, LrSchedule, TrainOptions, Trainer,
 };
 
 /// The default model shrunk for tests: 32² scenes, 8² grid, 4 slots, UNet width 32, a
@@ -58,6 +58,7 @@ fn options(slot_steps: u64, vqvae_steps: u64, steps: u64) -> TrainOptions {
         freeze_grouping: false,
         min_snr_gamma: 0.0,
         ema_decay: 0.0,
+        lr_schedule: LrSchedule::Constant,
     }
 }
 
@@ -100,9 +101,11 @@ fn resume_continues_bit_for_bit() {
     let dir = std::env::temp_dir().join(format!("slotserve-train-resume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     // 1 curriculum step, 2 VQ-VAE steps, then diffusion: the interruption at 4 falls
-    // inside stage 2, after every stage has run; the weight average is saved and restored too
+    // inside stage 2, after every stage has run; the weight average and the place on the
+    // cosine learning-rate schedule are saved and restored too
     let averaged = || {
-        let options = TrainOptions { ema_decay: 0.9, ..options(1, 2, 4) };
+        let options =
+            TrainOptions { ema_decay: 0.9, lr_schedule: LrSchedule::Cosine, ..options(1, 2, 4) };
         Trainer::new(tiny_config(), options, tiny_scenes(), &Device::Cpu).unwrap()
     };
     let mut straight = averaged();

@@ -212,12 +212,35 @@ pub struct TrainOptions {
     /// model holds instead of the live weights (0: no average, the live weights).
     #[serde(default)]
     pub ema_decay: f64,
+    /// How each stage's learning rate moves after its warmup.
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+}
+
+/// How a stage's learning rate moves after its warmup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// It stays at the peak (the official recipe).
+    #[default]
+    Constant,
+    /// It falls along a half cosine to zero at the stage's last step.
+    Cosine,
 }
 
 impl TrainOptions {
     /// Total steps of all stages.
     pub fn total_steps(&self) -> u64 {
         self.slot_steps + self.vqvae_steps + self.steps
+    }
+
+    /// Steps of `stage`.
+    fn steps_of(&self, stage: Stage) -> u64 {
+        match stage {
+            Stage::Slots => self.slot_steps,
+            Stage::VqVae => self.vqvae_steps,
+            Stage::Diffusion => self.steps,
+        }
     }
 
     /// Scenes per step in `stage`.
@@ -295,7 +318,11 @@ impl TrainOptions {
             Stage::VqVae => self.vqvae_lr,
             Stage::Slots | Stage::Diffusion => self.lr,
         };
-        AdamConfig::new(lr, self.warmup, (self.clip > 0.0).then_some(self.clip))
+        let cfg = AdamConfig::new(lr, self.warmup, (self.clip > 0.0).then_some(self.clip));
+        match self.lr_schedule {
+            LrSchedule::Constant => cfg,
+            LrSchedule::Cosine => cfg.with_cosine_decay(self.steps_of(stage)),
+        }
     }
 }
 
@@ -676,6 +703,10 @@ pub struct TrainArgs {
     /// 0.999: about the last thousand steps), instead of the live weights (0).
     #[arg(long, default_value_t = 0.0)]
     pub ema_decay: f64,
+    /// How each stage's learning rate moves after its warmup: `constant` at the peak, or
+    /// `cosine` down to zero at the stage's last step.
+    #[arg(long, value_enum, default_value_t)]
+    pub lr_schedule: LrSchedule,
     /// The encoder of the default model.
     #[arg(long, value_enum, default_value_t = EncoderKind::Vit)]
     pub encoder: EncoderKind,
@@ -722,6 +753,7 @@ impl TrainArgs {
             freeze_grouping: self.freeze_grouping,
             min_snr_gamma: self.min_snr_gamma,
             ema_decay: self.ema_decay,
+            lr_schedule: self.lr_schedule,
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Adam with linear warmup and global gradient-norm clipping, whose moments can be saved and
+//! Adam with linear warmup, an optional cosine decay and global gradient-norm clipping, whose moments can be saved and
 //! restored exactly (candle_nn's `AdamW` keeps them private, so an interrupted run could not
 //! continue bit for bit).
 
@@ -23,21 +23,37 @@ pub struct AdamConfig {
     pub eps: f64,
     /// Largest global gradient L2 norm; larger gradients are scaled down (`None`: no clipping).
     pub clip: Option<f64>,
+    /// The update by which the rate, after warmup, has followed a half cosine down to zero
+    /// (`None`: it stays at `lr`).
+    pub cosine_end: Option<u64>,
 }
 
 impl AdamConfig {
     /// `lr` with `warmup` steps, the usual betas, eps 1e-8 and clipping at `clip`.
     pub fn new(lr: f64, warmup: u64, clip: Option<f64>) -> Self {
-        Self { lr, warmup, beta1: 0.9, beta2: 0.999, eps: 1e-8, clip }
+        Self { lr, warmup, beta1: 0.9, beta2: 0.999, eps: 1e-8, clip, cosine_end: None }
+    }
+
+    /// The same, its rate decaying after warmup along a half cosine to zero at update `end`:
+    /// late updates settle the weights instead of moving them about the minimum.
+    pub fn with_cosine_decay(self, end: u64) -> Self {
+        Self { cosine_end: Some(end), ..self }
     }
 
     /// The learning rate of update number `t` (1-based).
     pub fn lr_at(&self, t: u64) -> f64 {
-        if self.warmup == 0 {
-            self.lr
-        } else {
-            self.lr * (t as f64 / self.warmup as f64).min(1.0)
-        }
+        let warm = match self.warmup {
+            0 => 1.0,
+            w => (t as f64 / w as f64).min(1.0),
+        };
+        let decay = match self.cosine_end {
+            Some(end) if end > self.warmup => {
+                let progress = t.saturating_sub(self.warmup) as f64 / (end - self.warmup) as f64;
+                0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+            }
+            _ => 1.0,
+        };
+        self.lr * warm * decay
     }
 }
 
@@ -133,5 +149,35 @@ impl Adam {
             .to_vec1::<u32>()?;
         self.t = u64::from(t[0]) | (u64::from(t[1]) << 32);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-12
+    }
+
+    #[test]
+    fn the_rate_rises_linearly_over_the_warmup_then_stays() {
+        let cfg = AdamConfig::new(1e-3, 100, None);
+        assert!(close(cfg.lr_at(1), 1e-5));
+        assert!(close(cfg.lr_at(50), 5e-4));
+        assert!(close(cfg.lr_at(100), 1e-3));
+        assert!(close(cfg.lr_at(10_000), 1e-3));
+        assert!(close(AdamConfig::new(1e-3, 0, None).lr_at(1), 1e-3));
+    }
+
+    #[test]
+    fn a_cosine_decay_halves_the_rate_midway_and_ends_at_zero() {
+        let cfg = AdamConfig::new(1e-3, 100, None).with_cosine_decay(1100);
+        assert!(close(cfg.lr_at(50), 5e-4), "the warmup is unchanged");
+        assert!(close(cfg.lr_at(100), 1e-3));
+        assert!(close(cfg.lr_at(600), 5e-4));
+        assert!(close(cfg.lr_at(350), 1e-3 * (0.5 + 0.5 * std::f64::consts::FRAC_1_SQRT_2)));
+        assert!(close(cfg.lr_at(1100), 0.0));
+        assert!(close(cfg.lr_at(2000), 0.0), "past its end the rate stays at zero");
     }
 }

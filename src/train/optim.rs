@@ -1,6 +1,6 @@
-//! Adam with linear warmup, an optional cosine decay and global gradient-norm clipping, whose moments can be saved and
-//! restored exactly (candle_nn's `AdamW` keeps them private, so an interrupted run could not
-//! continue bit for bit).
+//! Adam with linear warmup, an optional cosine decay and global gradient-norm clipping, whose
+//! moments can be saved and restored exactly (candle_nn's `AdamW` keeps them private, so an
+//! interrupted run could not continue bit for bit).
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -231,6 +231,24 @@ fn a_run_starts_from_another_runs_variables_all_or_the_vqvae_or_the_unet_only() 
 }
 
 #[test]
+fn a_run_starts_from_a_served_model_folder() {
+    let dir = std::env::temp_dir().join(format!("slotserve-train-model-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut source = trainer(1, 1, 0);
+    source.step().unwrap();
+    source.step().unwrap();
+    let want = exported(&source, &dir, "model");
+    let options = TrainOptions { seed: 11, ..options(0, 0, 1) };
+    let mut fresh = Trainer::new(tiny_config(), options, tiny_scenes(), &Device::Cpu).unwrap();
+    fresh.initialise_from(&dir.join("model"), "").unwrap();
+    for (name, got) in exported(&fresh, &dir, "started") {
+        assert!(same(&got, &want[&name]), "{name} not taken from the model folder");
+    }
+    fresh.step().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn a_frozen_grouping_trains_the_unet_alone() {
     let dir = std::env::temp_dir().join(format!("slotserve-train-freeze-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

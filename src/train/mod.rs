@@ -186,8 +186,8 @@ pub struct TrainOptions {
     /// paper's unsupervised grouping).
     #[serde(default)]
     pub mask_weight: f64,
-    /// The checkpoint folder of another run whose variables this run starts from (same
-    /// model configuration), instead of seeded random ones.
+    /// The checkpoint folder of another run (or a served model folder) whose variables this
+    /// run starts from (same model configuration), instead of seeded random ones.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
     /// The checkpoint folder of a run whose VQ-VAE this run takes (after `init_from`): the
@@ -415,14 +415,19 @@ impl Trainer {
     }
 
     /// Replaces the variables whose names start with `prefix` (`""`: all of them) with their
-    /// values in the checkpoint folder `dir` of another run of the same configuration (the
-    /// step counter and optimizer stay fresh).
+    /// values in `dir`, the checkpoint folder of another run of the same configuration or a
+    /// served model folder such as `weights/` (the step counter and optimizer stay fresh). A
+    /// model folder holds no training-only head, so those keep their seeded values: the
+    /// committed model is the one starting point that outlives a machine's `out/`.
     pub fn initialise_from(&mut self, dir: &Path, prefix: &str) -> anyhow::Result<()> {
-        let path = dir.join(VARS_FILE);
+        let from_model = !dir.join(VARS_FILE).exists() && dir.join(WEIGHTS_FILE).exists();
+        let path = dir.join(if from_model { WEIGHTS_FILE } else { VARS_FILE });
         let saved = candle_core::safetensors::load(&path, self.model.device())
             .with_context(|| format!("cannot start from {}", path.display()))?;
         let data = self.vars.data().lock().map_err(|_| anyhow::anyhow!("var map poisoned"))?;
-        for (name, var) in data.iter().filter(|(name, _)| name.starts_with(prefix)) {
+        let wanted =
+            |name: &str| name.starts_with(prefix) && !(from_model && name.starts_with(AUX_PREFIX));
+        for (name, var) in data.iter().filter(|(name, _)| wanted(name)) {
             let value = saved
                 .get(name)
                 .with_context(|| format!("{} has no variable {name}", path.display()))?;
@@ -680,16 +685,16 @@ pub struct TrainArgs {
     /// Weight of the instance-mask supervision of Slot Attention (0: unsupervised grouping).
     #[arg(long, default_value_t = 0.0)]
     pub mask_weight: f64,
-    /// Start from the variables of the run checkpointed in this folder (same model
-    /// configuration) instead of random ones.
+    /// Start from the variables of the run checkpointed in this folder, or of a served model
+    /// folder such as `weights/` (same model configuration), instead of random ones.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
-    /// Then take the VQ-VAE of the run checkpointed in this folder (e.g. to train stage 2 on
-    /// a VQ-VAE trained once, as the paper does).
+    /// Then take the VQ-VAE of the run checkpointed (or the model served) from this folder
+    /// (e.g. to train stage 2 on a VQ-VAE trained once, as the paper does).
     #[arg(long)]
     pub vqvae_from: Option<PathBuf>,
-    /// Then take the UNet of the run checkpointed in this folder (a warm start, e.g. for a
-    /// UNet on a new grouping; only the UNets' sizes must agree).
+    /// Then take the UNet of the run checkpointed (or the model served) from this folder (a
+    /// warm start, e.g. for a UNet on a new grouping; only the UNets' sizes must agree).
     #[arg(long)]
     pub unet_from: Option<PathBuf>,
     /// Stage 2 trains the UNet alone on the slots of the grouping it starts from (with

@@ -1,12 +1,14 @@
 //! The committed default model (`weights/`): small enough to commit, and its grouping and
 //! renders of 64 held-out procedural scenes no worse than when it was committed.
 //!
-//! The project's gate for this test is FG-ARI ≥ 0.85 and mBO ≥ 0.70; the committed weights do
-//! not reach it yet (measured FG-ARI 0.684, mBO 0.650: `weights/README.md` says why and what
-//! comes next), so until they do the test holds them to what they measured and to beating
-//! k-means on pixel colours. Raise the bars with the weights, up to the gate. The renders are
-//! held to what they measured too (reconstruction 17.2 dB and removal 17.5 dB PSNR, with the
-//! eval's fixed seeds), and stay below what the VQ-VAE alone reconstructs (20.7 dB).
+//! The project's gate for this test is FG-ARI ≥ 0.85 and mBO ≥ 0.70. The committed weights meet
+//! the mBO gate (measured 0.749) but not the FG-ARI one (measured 0.765: `weights/README.md`
+//! says why and what comes next), so the test holds them to what they measured, which for mBO
+//! is above the gate, and to beating k-means on pixel colours. Raise the bars with the weights,
+//! up to the gate. The renders are held to what they measured too (reconstruction 16.1 dB and
+//! removal 16.6 dB PSNR, with the eval's fixed seeds: half a dB below the weights before these,
+//! whose 16×16 grouping was 0.10 worse), and stay below what the VQ-VAE alone reconstructs
+//! (20.7 dB).
 
 use std::path::Path;
 
@@ -18,16 +20,17 @@ use slotserve::train::evaluate::evaluate_scenes;
 
 const WEIGHTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/weights");
 const MAX_WEIGHTS_BYTES: u64 = 50 << 20;
-/// What the committed weights measured on these 64 scenes, less about 0.02 for arithmetic
-/// that differs between machines (the project's gate: 0.85).
-const MIN_FG_ARI: f64 = 0.66;
-/// The previous weights' bar, 0.01 below what these measured, 0.650 (the project's gate: 0.70).
-const MIN_MBO: f64 = 0.64;
-/// Reconstruction PSNR (dB) the committed weights measured on these scenes, less 0.5 dB (the
-/// project's gate, on 500 scenes: 26 dB).
-const MIN_PSNR: f64 = 16.6;
-/// Removal PSNR (dB) inside the removed object, as [`MIN_PSNR`] (the gate: 22 dB).
-const MIN_REMOVAL_PSNR: f64 = 16.9;
+/// What the committed weights measured on these 64 scenes, 0.765, less about 0.02 for
+/// arithmetic that differs between machines (the project's gate: 0.85).
+const MIN_FG_ARI: f64 = 0.74;
+/// As [`MIN_FG_ARI`]: measured 0.749 (the project's gate: 0.70).
+const MIN_MBO: f64 = 0.72;
+/// Reconstruction PSNR (dB) the committed weights measured on these scenes, 16.14, less 0.5 dB
+/// (the project's gate, on 500 scenes: 26 dB).
+const MIN_PSNR: f64 = 15.6;
+/// Removal PSNR (dB) inside the removed object, as [`MIN_PSNR`]: measured 16.61 (the gate: 22
+/// dB).
+const MIN_REMOVAL_PSNR: f64 = 16.1;
 
 #[test]
 fn default_weights_fit_the_repository_budget() {

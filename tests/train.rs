@@ -192,28 +192,36 @@ fn same(a: &Tensor, b: &Tensor) -> bool {
         == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
+/// A run two steps in (one curriculum, one VQ-VAE step): the source another run starts from.
+fn two_steps_in() -> Trainer {
+    let mut source = trainer(1, 1, 0);
+    source.step().unwrap();
+    source.step().unwrap();
+    source
+}
+
+/// A fresh run of the same configuration with another seed, so that every variable differs.
+fn fresh_run() -> Trainer {
+    let options = TrainOptions { seed: 11, ..options(0, 0, 1) };
+    Trainer::new(tiny_config(), options, tiny_scenes(), &Device::Cpu).unwrap()
+}
+
 #[test]
 fn a_run_starts_from_another_runs_variables_all_or_the_vqvae_or_the_unet_only() {
     let dir = std::env::temp_dir().join(format!("slotserve-train-init-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut source = trainer(1, 1, 0);
-    source.step().unwrap();
-    source.step().unwrap();
+    let source = two_steps_in();
     source.save(&dir).unwrap();
     let export = |t: &Trainer, name: &str| exported(t, &dir, name);
     let want = export(&source, "source");
-    let fresh = || {
-        let options = TrainOptions { seed: 11, ..options(0, 0, 1) };
-        Trainer::new(tiny_config(), options, tiny_scenes(), &Device::Cpu).unwrap()
-    };
 
-    let mut all = fresh();
+    let mut all = fresh_run();
     all.initialise_from(&dir, "").unwrap();
     for (name, got) in export(&all, "all") {
         assert!(same(&got, &want[&name]), "{name} not taken from the source run");
     }
     for prefix in [slotserve::config::VQVAE_PREFIX, slotserve::config::UNET_PREFIX] {
-        let mut part_only = fresh();
+        let mut part_only = fresh_run();
         let before = export(&part_only, "before");
         part_only.initialise_from(&dir, prefix).unwrap();
         let mut moved = 0;
@@ -234,12 +242,8 @@ fn a_run_starts_from_another_runs_variables_all_or_the_vqvae_or_the_unet_only() 
 fn a_run_starts_from_a_served_model_folder() {
     let dir = std::env::temp_dir().join(format!("slotserve-train-model-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut source = trainer(1, 1, 0);
-    source.step().unwrap();
-    source.step().unwrap();
-    let want = exported(&source, &dir, "model");
-    let options = TrainOptions { seed: 11, ..options(0, 0, 1) };
-    let mut fresh = Trainer::new(tiny_config(), options, tiny_scenes(), &Device::Cpu).unwrap();
+    let want = exported(&two_steps_in(), &dir, "model");
+    let mut fresh = fresh_run();
     fresh.initialise_from(&dir.join("model"), "").unwrap();
     for (name, got) in exported(&fresh, &dir, "started") {
         assert!(same(&got, &want[&name]), "{name} not taken from the model folder");

@@ -27,7 +27,7 @@ fn loss(model: &SlotDiffusion, batch: &SceneBatch) -> Tensor {
 fn every_diffusion_variable_gets_its_gradient() {
     let device = Device::Cpu;
     // the default model's layers at the narrowest widths GroupNorm's 32 groups allow
-    let mut config = default_config(EncoderKind::Vit, 16, 32, 32).unwrap();
+    let mut config = default_config(EncoderKind::Vit, 16, None, 32, 32).unwrap();
     config.unet.num_head_channels = 8;
     let vars = VarMap::new();
     let vb = seeded_var_builder(&vars, 11, DType::F64, &device);

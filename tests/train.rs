@@ -16,7 +16,7 @@ use slotserve::train::{
 /// The default model shrunk for tests: 32² scenes, 8² grid, 4 slots, UNet width 32, a
 /// two-level VQ-VAE with 64 codes.
 fn tiny_config() -> ModelConfig {
-    let mut cfg = default_config(EncoderKind::Resnet, 16, 32, 32).unwrap();
+    let mut cfg = default_config(EncoderKind::Resnet, 16, None, 32, 32).unwrap();
     cfg.encoder = EncoderConfig {
         backbone: BackboneConfig::Resnet(ResNetConfig { stem_channels: 32, blocks: vec![1, 1, 1] }),
         grid_size: 8,
@@ -253,6 +253,42 @@ fn a_run_starts_from_a_served_model_folder() {
 }
 
 #[test]
+fn a_deeper_resnet_grows_from_a_shallower_run_with_identity_blocks() {
+    let dir = std::env::temp_dir().join(format!("slotserve-train-grow-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let source = two_steps_in();
+    source.save(&dir).unwrap();
+    let mut deeper_config = tiny_config();
+    deeper_config.encoder.backbone =
+        BackboneConfig::Resnet(ResNetConfig { stem_channels: 32, blocks: vec![1, 1, 3] });
+    let seeded = || TrainOptions { seed: 11, ..options(1, 0, 0) };
+    let mut deeper = Trainer::new(deeper_config, seeded(), tiny_scenes(), &Device::Cpu).unwrap();
+
+    let grown = deeper.initialise_from(&dir, "").unwrap();
+    assert_eq!(grown, ["encoder.layer3.1", "encoder.layer3.2"]);
+    let images = scene_batch(&tiny_scenes(), 0, 2, &Device::Cpu).unwrap().images;
+    let features = |t: &Trainer| t.model().encoder().forward(&images).unwrap();
+    let gap = (features(&deeper) - features(&source)).unwrap().abs().unwrap();
+    let gap = gap.max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(gap < 1e-6, "the grown encoder's features differ from the source's by {gap}");
+    deeper.step().unwrap();
+    assert!(
+        features(&deeper).flatten_all().unwrap().to_vec1::<f32>().unwrap() != {
+            features(&source).flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        }
+    );
+
+    let shallower = TrainOptions { seed: 11, ..options(1, 0, 0) };
+    let mut shallower =
+        Trainer::new(tiny_config(), shallower, tiny_scenes(), &Device::Cpu).unwrap();
+    deeper.save(&dir.join("deeper")).unwrap();
+    let error = shallower.initialise_from(&dir.join("deeper"), "").unwrap_err();
+    let error = format!("{error:#}");
+    assert!(error.contains("encoder.layer3.") && error.contains("lacks"), "{error}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn a_frozen_grouping_trains_the_unet_alone() {
     let dir = std::env::temp_dir().join(format!("slotserve-train-freeze-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -346,7 +382,7 @@ fn the_grid_size_sets_the_encoders_stride_and_so_the_resolution_of_the_masks() {
     for (encoder, grid) in
         [(EncoderKind::Vit, 16), (EncoderKind::Vit, 32), (EncoderKind::Resnet, 32)]
     {
-        let config = default_config(encoder, grid, 32, 32).unwrap();
+        let config = default_config(encoder, grid, None, 32, 32).unwrap();
         assert_eq!(config.resolution, 64, "{encoder:?} grid {grid}");
         let vars = candle_nn::VarMap::new();
         let model = SlotDiffusion::random(&config, 1, &vars, &Device::Cpu).unwrap();
@@ -356,8 +392,23 @@ fn the_grid_size_sets_the_encoders_stride_and_so_the_resolution_of_the_masks() {
         assert_eq!(features.dims()[..2], [1, grid * grid], "{encoder:?} grid {grid}");
     }
     // the grid must tile the scene, whichever the encoder
-    assert!(default_config(EncoderKind::Vit, 24, 32, 32).is_err());
-    assert!(default_config(EncoderKind::Resnet, 24, 32, 32).is_err());
+    assert!(default_config(EncoderKind::Vit, 24, None, 32, 32).is_err());
+    assert!(default_config(EncoderKind::Resnet, 24, None, 32, 32).is_err());
+}
+
+#[test]
+fn the_encoder_depth_sets_the_resnets_last_stage_or_the_vits_layers() {
+    let backbone = |encoder, depth| default_config(encoder, 32, depth, 32, 32).unwrap().encoder;
+    let resnet =
+        |blocks: Vec<usize>| BackboneConfig::Resnet(ResNetConfig { stem_channels: 32, blocks });
+    assert_eq!(backbone(EncoderKind::Resnet, None).backbone, resnet(vec![1, 1]));
+    assert_eq!(backbone(EncoderKind::Resnet, Some(3)).backbone, resnet(vec![1, 3]));
+    let layers = |depth| match backbone(EncoderKind::Vit, depth).backbone {
+        BackboneConfig::Vit(vit) => vit.num_layers,
+        other => panic!("not a ViT: {other:?}"),
+    };
+    assert_eq!((layers(None), layers(Some(5))), (3, 5));
+    assert!(default_config(EncoderKind::Resnet, 32, Some(0), 32, 32).is_err());
 }
 
 /// `slotserve train` told to stop (SIGTERM, as `docker stop` does) saves its checkpoint after

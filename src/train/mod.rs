@@ -86,10 +86,12 @@ const SCENE_SIZE: usize = 64;
 /// The small SlotDiffusion of the embedded default model, for 64² scenes: a `grid_size`²
 /// feature grid (the masks' resolution: 16 by default, 32 for finer masks),
 /// 7 slots of width 64, a 2-level UNet of width `unet_channels` on the 16² × 3 latent of a
-/// VQ-VAE of base width `vqvae_channels` (×4 downsampling, 1024 codes).
+/// VQ-VAE of base width `vqvae_channels` (×4 downsampling, 1024 codes). `encoder_depth` is
+/// the ResNet's blocks in its last stage (1 by default) or the ViT's layers (3 by default).
 pub fn default_config(
     encoder: EncoderKind,
     grid_size: usize,
+    encoder_depth: Option<usize>,
     unet_channels: usize,
     vqvae_channels: usize,
 ) -> anyhow::Result<ModelConfig> {
@@ -101,20 +103,23 @@ pub fn default_config(
     let stride = SCENE_SIZE / grid_size;
     let backbone = match encoder {
         EncoderKind::Resnet => {
-            // one block per stage, each stage after the first halving the grid (the stride
-            // divides 64, so it is a power of two)
+            // one block per stage but the last, each stage after the first halving the grid
+            // (the stride divides 64, so it is a power of two)
             let stages = stride.trailing_zeros() as usize + 1;
-            BackboneConfig::Resnet(ResNetConfig { stem_channels: 32, blocks: vec![1; stages] })
+            let mut blocks = vec![1; stages];
+            blocks[stages - 1] = encoder_depth.unwrap_or(1);
+            BackboneConfig::Resnet(ResNetConfig { stem_channels: 32, blocks })
         }
         EncoderKind::Vit => BackboneConfig::Vit(ViTConfig {
             hidden_size: 64,
-            num_layers: 3,
+            num_layers: encoder_depth.unwrap_or(3),
             num_heads: 2,
             intermediate_size: 128,
             patch_size: stride,
             grid_size,
         }),
     };
+    ensure!(encoder_depth != Some(0), "an encoder needs at least one block or layer");
     let encoder = EncoderConfig { backbone, grid_size, out_channels: slot_size };
     Ok(ModelConfig {
         name: "shapes".into(),
@@ -419,7 +424,11 @@ impl Trainer {
     /// served model folder such as `weights/` (the step counter and optimizer stay fresh). A
     /// model folder holds no training-only head, so those keep their seeded values: the
     /// committed model is the one starting point that outlives a machine's `out/`.
-    pub fn initialise_from(&mut self, dir: &Path, prefix: &str) -> anyhow::Result<()> {
+    ///
+    /// A deeper ResNet than the source's grows: the blocks appended to a stage start as
+    /// identities (their last norm's scale zero), so the run starts from the source's function.
+    /// Returns the grown blocks' names. Any other variable missing on either side is an error.
+    pub fn initialise_from(&mut self, dir: &Path, prefix: &str) -> anyhow::Result<Vec<String>> {
         let from_model = !dir.join(VARS_FILE).exists() && dir.join(WEIGHTS_FILE).exists();
         let path = dir.join(if from_model { WEIGHTS_FILE } else { VARS_FILE });
         let saved = candle_core::safetensors::load(&path, self.model.device())
@@ -427,13 +436,26 @@ impl Trainer {
         let data = self.vars.data().lock().map_err(|_| anyhow::anyhow!("var map poisoned"))?;
         let wanted =
             |name: &str| name.starts_with(prefix) && !(from_model && name.starts_with(AUX_PREFIX));
+        let mut grown = Vec::new();
         for (name, var) in data.iter().filter(|(name, _)| wanted(name)) {
-            let value = saved
-                .get(name)
+            if let Some(value) = saved.get(name) {
+                var.set(value).with_context(|| format!("variable {name} of {}", path.display()))?;
+                continue;
+            }
+            let block = appended_block(name, &saved)
                 .with_context(|| format!("{} has no variable {name}", path.display()))?;
-            var.set(value).with_context(|| format!("variable {name} of {}", path.display()))?;
+            if name.ends_with(".bn2.weight") {
+                var.set(&var.zeros_like()?)?;
+            }
+            if !grown.contains(&block) {
+                grown.push(block);
+            }
         }
-        Ok(())
+        if let Some(extra) = saved.keys().find(|name| wanted(name) && !data.contains_key(*name)) {
+            bail!("{} holds {extra}, which this run's configuration lacks", path.display());
+        }
+        grown.sort();
+        Ok(grown)
     }
 
     /// Continues the run saved in `dir` exactly where it stopped.
@@ -720,6 +742,11 @@ pub struct TrainArgs {
     /// stage fewer at 32).
     #[arg(long, default_value_t = 16)]
     pub grid_size: usize,
+    /// Depth of the encoder: the ResNet's blocks in its last stage (default 1; each more
+    /// widens what a feature sees by 8 pixels) or the ViT's layers (default 3). With
+    /// `--init-from` a shallower ResNet, the blocks it lacks start as identities.
+    #[arg(long)]
+    pub encoder_depth: Option<usize>,
     /// UNet base width.
     #[arg(long, default_value_t = 64)]
     pub unet_channels: usize,
@@ -767,8 +794,8 @@ impl TrainArgs {
 /// checkpointing every `--checkpoint-secs` and at the end.
 pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     let device = Device::Cpu;
-    let mut trainer = if args.resume {
-        Trainer::resume(&args.out, &device)?
+    let (mut trainer, grown) = if args.resume {
+        (Trainer::resume(&args.out, &device)?, Vec::new())
     } else {
         if args.out.join(STATE_FILE).exists() {
             bail!(
@@ -776,18 +803,24 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
                 args.out.display()
             );
         }
-        let config =
-            default_config(args.encoder, args.grid_size, args.unet_channels, args.vqvae_channels)?;
+        let config = default_config(
+            args.encoder,
+            args.grid_size,
+            args.encoder_depth,
+            args.unet_channels,
+            args.vqvae_channels,
+        )?;
         let mut trainer = Trainer::new(config, args.options(), SceneConfig::default(), &device)?;
+        let mut grown = Vec::new();
         if let Some(dir) = &args.init_from {
-            trainer.initialise_from(dir, "")?;
+            grown = trainer.initialise_from(dir, "")?;
         }
         for (dir, prefix) in [(&args.vqvae_from, VQVAE_PREFIX), (&args.unet_from, UNET_PREFIX)] {
             if let Some(dir) = dir {
                 trainer.initialise_from(dir, prefix)?;
             }
         }
-        trainer
+        (trainer, grown)
     };
     std::fs::create_dir_all(&args.out)?;
     let mut log =
@@ -803,6 +836,9 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         trainer.options().total_steps(),
         trainer.options()
     ))?;
+    if !grown.is_empty() {
+        say(format!("grown from --init-from as identities: {}", grown.join(", ")))?;
+    }
     let (start, start_step) = (Instant::now(), trainer.step_count());
     let mut last_save = Instant::now();
     let mut taken = 0;
@@ -824,6 +860,19 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     }
     trainer.save(&args.out)?;
     say(format!("checkpoint at step {} (stopped)", trainer.step_count()))
+}
+
+/// The block `encoder.layerS.J` (J ≥ 1) that `name` belongs to, when `saved` holds that ResNet
+/// stage's first block and nothing of block `J`: a block appended to a trained stage.
+fn appended_block(name: &str, saved: &HashMap<String, Tensor>) -> Option<String> {
+    let rest = name.strip_prefix("encoder.layer")?;
+    let mut parts = rest.splitn(3, '.');
+    let (stage, index) = (parts.next()?, parts.next()?.parse::<usize>().ok()?);
+    parts.next()?;
+    let block = format!("encoder.layer{stage}.{index}");
+    let has = |p: &str| saved.keys().any(|k| k.starts_with(p));
+    (index > 0 && has(&format!("encoder.layer{stage}.0.")) && !has(&format!("{block}.")))
+        .then_some(block)
 }
 
 /// A flag raised by the first SIGINT or SIGTERM, on which training saves its checkpoint after

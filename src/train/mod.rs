@@ -743,8 +743,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 16)]
     pub grid_size: usize,
     /// Depth of the encoder: the ResNet's blocks in its last stage (default 1; each more
-    /// widens what a feature sees by 8 pixels) or the ViT's layers (default 3). With
-    /// `--init-from` a shallower ResNet, the blocks it lacks start as identities.
+    /// widens what a feature sees, by 8 pixels on a 32×32 grid) or the ViT's layers (default
+    /// 3). With `--init-from` a shallower ResNet, the blocks it lacks start as identities.
     #[arg(long)]
     pub encoder_depth: Option<usize>,
     /// UNet base width.

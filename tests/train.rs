@@ -98,8 +98,7 @@ fn training_steps_reduce_the_loss_on_a_fixed_batch() {
 
 #[test]
 fn resume_continues_bit_for_bit() {
-    let dir = std::env::temp_dir().join(format!("slotserve-train-resume-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = scratch_dir("resume");
     // 1 curriculum step, 2 VQ-VAE steps, then diffusion: the interruption at 4 falls
     // inside stage 2, after every stage has run; the weight average and the place on the
     // cosine learning-rate schedule are saved and restored too
@@ -186,6 +185,13 @@ fn exported(t: &Trainer, dir: &std::path::Path, name: &str) -> HashMap<String, T
     candle_core::safetensors::load(dir.join(name).join("model.safetensors"), &Device::Cpu).unwrap()
 }
 
+/// An empty folder under the system's temporary one, unique to this test process and `name`.
+fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("slotserve-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 /// Whether two tensors hold the same values, bit for bit.
 fn same(a: &Tensor, b: &Tensor) -> bool {
     a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
@@ -200,6 +206,13 @@ fn two_steps_in() -> Trainer {
     source
 }
 
+/// [`two_steps_in`], its checkpoint saved in `dir`.
+fn saved_two_steps_in(dir: &std::path::Path) -> Trainer {
+    let source = two_steps_in();
+    source.save(dir).unwrap();
+    source
+}
+
 /// A fresh run of the same configuration with another seed, so that every variable differs.
 fn fresh_run() -> Trainer {
     let options = TrainOptions { seed: 11, ..options(0, 0, 1) };
@@ -208,10 +221,8 @@ fn fresh_run() -> Trainer {
 
 #[test]
 fn a_run_starts_from_another_runs_variables_all_or_the_vqvae_or_the_unet_only() {
-    let dir = std::env::temp_dir().join(format!("slotserve-train-init-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let source = two_steps_in();
-    source.save(&dir).unwrap();
+    let dir = scratch_dir("init");
+    let source = saved_two_steps_in(&dir);
     let export = |t: &Trainer, name: &str| exported(t, &dir, name);
     let want = export(&source, "source");
 
@@ -240,8 +251,7 @@ fn a_run_starts_from_another_runs_variables_all_or_the_vqvae_or_the_unet_only() 
 
 #[test]
 fn a_run_starts_from_a_served_model_folder() {
-    let dir = std::env::temp_dir().join(format!("slotserve-train-model-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = scratch_dir("model");
     let want = exported(&two_steps_in(), &dir, "model");
     let mut fresh = fresh_run();
     fresh.initialise_from(&dir.join("model"), "").unwrap();
@@ -254,10 +264,8 @@ fn a_run_starts_from_a_served_model_folder() {
 
 #[test]
 fn a_deeper_resnet_grows_from_a_shallower_run_with_identity_blocks() {
-    let dir = std::env::temp_dir().join(format!("slotserve-train-grow-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let source = two_steps_in();
-    source.save(&dir).unwrap();
+    let dir = scratch_dir("grow");
+    let source = saved_two_steps_in(&dir);
     let mut deeper_config = tiny_config();
     deeper_config.encoder.backbone =
         BackboneConfig::Resnet(ResNetConfig { stem_channels: 32, blocks: vec![1, 1, 3] });
@@ -284,8 +292,7 @@ fn a_deeper_resnet_grows_from_a_shallower_run_with_identity_blocks() {
 
 #[test]
 fn a_frozen_grouping_trains_the_unet_alone() {
-    let dir = std::env::temp_dir().join(format!("slotserve-train-freeze-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = scratch_dir("freeze");
     let frozen = TrainOptions { freeze_grouping: true, mask_weight: 1.0, ..options(0, 0, 2) };
     let mut t = Trainer::new(tiny_config(), frozen, tiny_scenes(), &Device::Cpu).unwrap();
     let before = exported(&t, &dir, "before");
@@ -336,8 +343,7 @@ fn min_snr_weighting_scales_a_samples_error_by_its_weight() {
 
 #[test]
 fn the_exported_model_holds_the_moving_average_of_the_trained_weights() {
-    let dir = std::env::temp_dir().join(format!("slotserve-train-ema-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = scratch_dir("ema");
     // the UNet alone trains; the same run without an average gives the live weights
     let run = |ema_decay: f64| {
         let options = TrainOptions { ema_decay, freeze_grouping: true, ..options(0, 0, 2) };
@@ -413,8 +419,7 @@ fn a_terminated_training_run_saves_its_checkpoint_before_it_exits() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
-    let dir = std::env::temp_dir().join(format!("slotserve-train-stop-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = scratch_dir("stop");
     let mut child = Command::new(env!("CARGO_BIN_EXE_slotserve"))
         .args(["train", "--slot-steps", "100000", "--vqvae-steps", "0", "--steps", "0"])
         .args(["--slot-batch", "1", "--log-every", "1", "--checkpoint-secs", "100000"])

@@ -25,7 +25,7 @@ pub mod losses;
 pub mod optim;
 pub mod supervision;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -436,7 +436,7 @@ impl Trainer {
         let data = self.vars.data().lock().map_err(|_| anyhow::anyhow!("var map poisoned"))?;
         let wanted =
             |name: &str| name.starts_with(prefix) && !(from_model && name.starts_with(AUX_PREFIX));
-        let mut grown = Vec::new();
+        let mut grown = BTreeSet::new();
         for (name, var) in data.iter().filter(|(name, _)| wanted(name)) {
             if let Some(value) = saved.get(name) {
                 var.set(value).with_context(|| format!("variable {name} of {}", path.display()))?;
@@ -447,15 +447,12 @@ impl Trainer {
             if name.ends_with(".bn2.weight") {
                 var.set(&var.zeros_like()?)?;
             }
-            if !grown.contains(&block) {
-                grown.push(block);
-            }
+            grown.insert(block);
         }
         if let Some(extra) = saved.keys().find(|name| wanted(name) && !data.contains_key(*name)) {
             bail!("{} holds {extra}, which this run's configuration lacks", path.display());
         }
-        grown.sort();
-        Ok(grown)
+        Ok(grown.into_iter().collect())
     }
 
     /// Continues the run saved in `dir` exactly where it stopped.

@@ -449,3 +449,28 @@ fn a_terminated_training_run_saves_its_checkpoint_before_it_exits() {
     assert_eq!(state["step"], step);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_slot_iterations_flag_sets_the_trained_models_iterations() {
+    use std::process::Command;
+
+    let train = |dir: &std::path::Path, iterations: &str| {
+        Command::new(env!("CARGO_BIN_EXE_slotserve"))
+            .args(["train", "--slot-steps", "1", "--vqvae-steps", "0", "--steps", "0"])
+            .args(["--slot-batch", "1", "--slot-iterations", iterations])
+            .arg("--out")
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let dir = scratch_dir("iterations");
+    let run = train(&dir, "5");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let exported = ModelConfig::load(&dir.join("model").join("config.json")).unwrap();
+    assert_eq!(exported.slot_attention.num_iterations, 5);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let refused = train(&scratch_dir("no-iterations"), "0");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("at least one iteration"));
+}

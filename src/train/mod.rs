@@ -744,6 +744,10 @@ pub struct TrainArgs {
     /// 3). With `--init-from` a shallower ResNet, the blocks it lacks start as identities.
     #[arg(long)]
     pub encoder_depth: Option<usize>,
+    /// Slot Attention's iterations (3, the paper's, by default). A grouping trained with 3 can
+    /// go on training with more: the weights are shared across iterations.
+    #[arg(long, default_value_t = 3)]
+    pub slot_iterations: usize,
     /// UNet base width.
     #[arg(long, default_value_t = 64)]
     pub unet_channels: usize,
@@ -800,13 +804,15 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
                 args.out.display()
             );
         }
-        let config = default_config(
+        ensure!(args.slot_iterations > 0, "Slot Attention needs at least one iteration");
+        let mut config = default_config(
             args.encoder,
             args.grid_size,
             args.encoder_depth,
             args.unet_channels,
             args.vqvae_channels,
         )?;
+        config.slot_attention.num_iterations = args.slot_iterations;
         let mut trainer = Trainer::new(config, args.options(), SceneConfig::default(), &device)?;
         let mut grown = Vec::new();
         if let Some(dir) = &args.init_from {

@@ -102,8 +102,7 @@ fn scenes_are_varied() {
         for o in &s.objects {
             kinds[o.shape.kind()] += 1;
         }
-        let colors: Vec<[u8; 3]> = s.objects.iter().map(|o| o.color).collect();
-        shared += usize::from((1..colors.len()).any(|i| colors[..i].contains(&colors[i])));
+        shared += usize::from(s.shares_a_colour());
         let background = background_only(&s);
         flat += usize::from(background.image.chunks(3).all(|px| px == &background.image[..3]));
         let full: usize =
@@ -115,6 +114,19 @@ fn scenes_are_varied() {
     assert!(shared > 10, "{shared} scenes share a colour");
     assert!((5..60).contains(&flat), "{flat} flat backgrounds");
     assert!(occluded > 30, "{occluded} scenes with occlusion");
+}
+
+#[test]
+fn a_scene_shares_a_colour_when_two_of_its_objects_have_one() {
+    let mut s = (0..).map(scene).find(|s| s.objects.len() >= 3).unwrap();
+    for (i, object) in s.objects.iter_mut().enumerate() {
+        object.color = [40 * i as u8, 200, 10];
+    }
+    assert!(!s.shares_a_colour());
+    let last = s.objects.len() - 1;
+    s.objects[last].color = s.objects[1].color;
+    assert!(s.shares_a_colour());
+    assert!(!s.without(last).shares_a_colour());
 }
 
 #[test]

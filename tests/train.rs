@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use slotserve::config::ModelConfig;
 use slotserve::data::{Scene, SceneConfig};
+use slotserve::eval::Report;
 use slotserve::model::encoder::{BackboneConfig, EncoderConfig};
 use slotserve::model::pipeline::SlotDiffusion;
 use slotserve::model::resnet::ResNetConfig;
@@ -142,20 +143,32 @@ fn eval_runs_end_to_end_on_a_tiny_random_model() {
     let scenes: Vec<Scene> = slotserve::eval::held_out_scenes(&tiny_scenes(), 3);
     let reports = evaluate_scenes(t.model(), &scenes, 2, Some(0)).unwrap();
     println!("{}", slotserve::eval::format_table(&reports));
-    assert_eq!(reports.len(), 5);
+    assert_eq!(reports.len(), 7);
     let model = &reports[0];
     assert_eq!(model.scenes, 3);
     assert_eq!(model.psnr.count(), 3);
     assert!(model.removal_inside.count() >= 1);
     assert!(model.fg_ari.value().is_some() && model.mbo.value().is_some());
+    // the next two rows split the same scenes by whether two objects share a colour
+    let shared = scenes.iter().filter(|s| s.shares_a_colour()).count();
+    let (distinct_row, shared_row) = (&reports[1], &reports[2]);
+    assert!(distinct_row.name.ends_with("colours distinct"), "{}", distinct_row.name);
+    assert_eq!((distinct_row.scenes, shared_row.scenes), (3 - shared, shared));
+    assert_eq!(distinct_row.psnr.count() + shared_row.psnr.count(), 3);
+    let mut rejoined = Report::new(&model.name);
+    rejoined.absorb(distinct_row);
+    rejoined.absorb(shared_row);
+    assert_eq!(rejoined.fg_ari.count(), model.fg_ari.count());
+    let (whole, parts) = (model.psnr.value().unwrap(), rejoined.psnr.value().unwrap());
+    assert!((whole - parts).abs() < 1e-9, "{whole} against {parts}");
     // the last row is the VQ-VAE's own reconstruction: a PSNR per scene, nothing segmented
-    let autoencoder = &reports[4];
+    let autoencoder = reports.last().unwrap();
     assert!(autoencoder.name.starts_with("VQ-VAE"), "{}", autoencoder.name);
     assert_eq!((autoencoder.scenes, autoencoder.psnr.count()), (3, 3));
     assert!(autoencoder.fg_ari.value().is_none() && autoencoder.removal_inside.value().is_none());
     // segmentation only: no renders, so no ceiling for them either
     let segmentation = evaluate_scenes(t.model(), &scenes, 2, None).unwrap();
-    assert_eq!(segmentation.len(), 4);
+    assert_eq!(segmentation.len(), 6);
     assert_eq!(segmentation[0].psnr.count(), 0);
 }
 

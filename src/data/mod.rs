@@ -179,6 +179,13 @@ impl Scene {
         scene
     }
 
+    /// Whether two of the objects share a base colour: the scenes where colour alone cannot
+    /// tell objects apart, which `eval` scores separately.
+    pub fn shares_a_colour(&self) -> bool {
+        let objects = &self.objects;
+        objects.iter().enumerate().any(|(i, a)| objects[i + 1..].iter().any(|b| a.color == b.color))
+    }
+
     /// Paints the scene: image [H, W, 3] and the id visible at each pixel.
     pub fn render(&self) -> Rendered {
         let (width, height) = (self.width, self.height);

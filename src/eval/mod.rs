@@ -41,6 +41,12 @@ impl Mean {
     pub fn count(&self) -> usize {
         self.count
     }
+
+    /// Adds every value `other` holds, as if they had been added here.
+    pub fn absorb(&mut self, other: &Mean) {
+        self.sum += other.sum;
+        self.count += other.count;
+    }
 }
 
 /// One method's metrics over a set of scenes (one row of the table).
@@ -79,6 +85,22 @@ impl Report {
             psnr: Mean::default(),
             removal_inside: Mean::default(),
             removal_outside: Mean::default(),
+        }
+    }
+
+    /// Adds every scene and value of `other` (e.g. one scene's row) to this row.
+    pub fn absorb(&mut self, other: &Report) {
+        self.scenes += other.scenes;
+        for (mine, theirs) in [
+            (&mut self.fg_ari, &other.fg_ari),
+            (&mut self.mbo, &other.mbo),
+            (&mut self.miou, &other.miou),
+            (&mut self.fg_miou, &other.fg_miou),
+            (&mut self.psnr, &other.psnr),
+            (&mut self.removal_inside, &other.removal_inside),
+            (&mut self.removal_outside, &other.removal_outside),
+        ] {
+            mine.absorb(theirs);
         }
     }
 

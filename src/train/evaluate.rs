@@ -69,18 +69,24 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The model's report on `scenes` (batches of `batch`), followed by the k-means (k = the
-/// model's slot count), one-cluster and ground-truth-on-the-feature-grid baselines. With
-/// `renders` (the base seed of the renders' noise) it also scores reconstruction and removal,
-/// and ends with the VQ-VAE's own reconstruction (the renders' ceiling); without, segmentation
-/// only.
+/// The model's report on `scenes` (batches of `batch`), then the model's on the scenes whose
+/// objects all differ in colour and on those where two share one ([`Scene::shares_a_colour`]),
+/// followed by the k-means (k = the model's slot count), one-cluster and
+/// ground-truth-on-the-feature-grid baselines. With `renders` (the base seed of the renders'
+/// noise) it also scores reconstruction and removal, and ends with the VQ-VAE's own
+/// reconstruction (the renders' ceiling); without, segmentation only.
 pub fn evaluate_scenes(
     model: &SlotDiffusion,
     scenes: &[Scene],
     batch: usize,
     renders: Option<u64>,
 ) -> anyhow::Result<Vec<Report>> {
-    let mut report = Report::new(format!("SlotDiffusion ({})", model.config().name));
+    let name = format!("SlotDiffusion ({})", model.config().name);
+    let mut report = Report::new(&name);
+    let mut by_colour = [
+        Report::new(format!("{name} · colours distinct")),
+        Report::new(format!("{name} · a colour shared")),
+    ];
     let mut autoencoder = renders.map(|_| Report::new("VQ-VAE alone (render ceiling)"));
     let rendered: Vec<Rendered> = scenes.iter().map(Scene::render).collect();
     for (chunk, (scene_chunk, rendered_chunk)) in
@@ -88,13 +94,18 @@ pub fn evaluate_scenes(
     {
         let images = image_batch(rendered_chunk, model.device())?;
         let base = renders.map(|seed| seed + (chunk * batch.max(1)) as u64);
-        score_batch(model, scene_chunk, rendered_chunk, &images, base, &mut report)?;
+        let rows = score_batch(model, scene_chunk, rendered_chunk, &images, base)?;
+        for (scene, row) in scene_chunk.iter().zip(&rows) {
+            report.absorb(row);
+            by_colour[usize::from(scene.shares_a_colour())].absorb(row);
+        }
         if let Some(autoencoder) = &mut autoencoder {
             score_autoencoder(model, rendered_chunk, &images, autoencoder)?;
         }
     }
     let kmeans = KMeansConfig { clusters: model.config().num_slots(), ..Default::default() };
     let mut reports = vec![report];
+    reports.extend(by_colour);
     let grid = match rendered.first() {
         Some(r) => model.encoder().grid(r.height, r.width),
         None => (1, 1),
@@ -134,24 +145,24 @@ fn score_autoencoder(
     Ok(())
 }
 
-/// Scores one batch (`images`, the [`image_batch`] of `rendered`): segmentation and, given the
-/// renders' base seed, reconstruction from all slots and removal of the slot that best covers
-/// the largest visible object.
+/// Scores one batch (`images`, the [`image_batch`] of `rendered`), one row per scene:
+/// segmentation and, given the renders' base seed, reconstruction from all slots and removal
+/// of the slot that best covers the largest visible object.
 fn score_batch(
     model: &SlotDiffusion,
     scenes: &[Scene],
     rendered: &[Rendered],
     images: &Tensor,
     seed: Option<u64>,
-    report: &mut Report,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<Report>> {
     let device = model.device();
     let parts = model.decompose(images)?;
+    let mut rows: Vec<Report> = rendered.iter().map(|_| Report::new("")).collect();
     let mut slot_sets = Vec::new();
     let mut removals = Vec::new();
     for (i, r) in rendered.iter().enumerate() {
         let pred = parts.segmentation.i(i)?.flatten_all()?.to_vec1::<u32>()?;
-        report.add_segmentation(&r.labels, &pred);
+        rows[i].add_segmentation(&r.labels, &pred);
         if seed.is_none() {
             continue;
         }
@@ -166,19 +177,19 @@ fn score_batch(
         let keep = Tensor::from_vec(keep.clone(), keep.len(), device)?;
         removals.push((i, object, slots.index_select(&keep, 0)?));
     }
-    let Some(seed) = seed else { return Ok(()) };
+    let Some(seed) = seed else { return Ok(rows) };
     let n = slot_sets.len();
     slot_sets.extend(removals.iter().map(|(_, _, s)| s.clone()));
     let seeds: Vec<u64> = (0..slot_sets.len()).map(|j| seed + (j % n.max(1)) as u64).collect();
     let sampler = model.config().sampler;
     let out = tensor_to_images(&model.render(&slot_sets, &seeds, sampler.kind, sampler.steps)?)?;
-    for (r, recon) in rendered.iter().zip(&out) {
-        report.add_reconstruction(&r.image, recon.as_raw());
+    for ((row, r), recon) in rows.iter_mut().zip(rendered).zip(&out) {
+        row.add_reconstruction(&r.image, recon.as_raw());
     }
     for ((i, object, _), edited) in removals.iter().zip(&out[n..]) {
         let truth = scenes[*i].without(*object).render();
         let region = rendered[*i].region(*object as u32 + 1);
-        report.add_removal(edited.as_raw(), &truth.image, &region);
+        rows[*i].add_removal(edited.as_raw(), &truth.image, &region);
     }
-    Ok(())
+    Ok(rows)
 }

@@ -157,7 +157,7 @@ fn score_batch(
 ) -> anyhow::Result<Vec<Report>> {
     let device = model.device();
     let parts = model.decompose(images)?;
-    let mut rows: Vec<Report> = rendered.iter().map(|_| Report::new("")).collect();
+    let mut rows = vec![Report::new(""); rendered.len()];
     let mut slot_sets = Vec::new();
     let mut removals = Vec::new();
     for (i, r) in rendered.iter().enumerate() {

@@ -17,7 +17,7 @@ use slotserve::train::{default_config, EncoderKind};
 
 /// Stage 2's denoising loss on `batch`, with the same t and noise at every call.
 fn loss(model: &SlotDiffusion, batch: &SceneBatch) -> Tensor {
-    let aux = Auxiliaries { colour: None, masks: false };
+    let aux = Auxiliaries { colour: None, masks: None };
     diffusion_losses(model, batch, aux, DenoiseRecipe::default(), &mut step_rng(5, 0))
         .unwrap()
         .denoise

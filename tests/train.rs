@@ -53,6 +53,7 @@ fn options(slot_steps: u64, vqvae_steps: u64, steps: u64) -> TrainOptions {
         clip: 1.0,
         aux_weight: 1.0,
         mask_weight: 0.0,
+        mask_foreground_weight: 1.0,
         init_from: None,
         vqvae_from: None,
         unet_from: None,
@@ -339,7 +340,7 @@ fn min_snr_weighting_scales_a_samples_error_by_its_weight() {
     };
     let stream = (0..).find(|&s| snr(s) > 5.0).unwrap();
     let loss = |gamma: f64| {
-        let aux = Auxiliaries { colour: None, masks: false };
+        let aux = Auxiliaries { colour: None, masks: None };
         let recipe = DenoiseRecipe { min_snr_gamma: gamma, ..DenoiseRecipe::default() };
         let rng = &mut step_rng(9, stream);
         let l = diffusion_losses(t.model(), &batch, aux, recipe, rng).unwrap();
@@ -486,4 +487,27 @@ fn the_slot_iterations_flag_sets_the_trained_models_iterations() {
     let refused = train(&scratch_dir("no-iterations"), "0");
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("at least one iteration"));
+}
+
+#[test]
+fn a_non_positive_mask_foreground_weight_is_refused() {
+    let dir = scratch_dir("foreground-weight");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_slotserve"))
+        .args(["train", "--slot-steps", "1", "--vqvae-steps", "0", "--steps", "0"])
+        .args(["--mask-weight", "1", "--mask-foreground-weight", "0"])
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("must be a positive number"));
+    assert!(!dir.join("state.json").exists());
+}
+
+#[test]
+fn a_run_checkpointed_before_the_foreground_weight_resumes_with_every_cell_the_same() {
+    let mut saved = serde_json::to_value(options(1, 0, 0)).unwrap();
+    saved.as_object_mut().unwrap().remove("mask_foreground_weight").unwrap();
+    let resumed: TrainOptions = serde_json::from_value(saved).unwrap();
+    assert_eq!(resumed.mask_foreground_weight, 1.0);
 }

@@ -125,8 +125,9 @@ pub fn restarted_codebook(
 pub struct Auxiliaries<'a> {
     /// The colour-field reconstruction, through this decoder.
     pub colour: Option<&'a AuxDecoder>,
-    /// The instance-mask supervision ([`supervision::mask_loss`]).
-    pub masks: bool,
+    /// The instance-mask supervision ([`supervision::mask_loss`]), with this weight on the
+    /// cells objects cover.
+    pub masks: Option<f64>,
 }
 
 /// The auxiliary losses of one batch's grouping; `None` where not asked for.
@@ -154,8 +155,10 @@ impl GroupingLosses {
             None => None,
         };
         let masks = match aux.masks {
-            true => Some(supervision::mask_loss(masks, &batch.labels, (h, w), grid)?),
-            false => None,
+            Some(foreground_weight) => {
+                Some(supervision::mask_loss(masks, &batch.labels, (h, w), grid, foreground_weight)?)
+            }
+            None => None,
         };
         Ok(Self { colour, masks })
     }

@@ -8,7 +8,8 @@
 //! loss, unused codes restarted), and the final `steps` train encoder, Slot Attention and
 //! UNet with the latent denoising loss on the frozen VQ-VAE (plus the auxiliary loss).
 //! With `mask_weight > 0` the curriculum and stage 2 also supervise Slot Attention's masks
-//! with the generator's instance masks ([`supervision`]); a run can start from another
+//! with the generator's instance masks ([`supervision`]; `mask_foreground_weight` weighs the
+//! cells objects cover above the background's); a run can start from another
 //! run's variables (`init_from`) and take another's trained VQ-VAE (`vqvae_from`) or UNet
 //! (`unet_from`, e.g. a warm start on a new grouping); stage 2
 //! can train the UNet alone on a trained grouping (`freeze_grouping`) and weight its loss
@@ -191,6 +192,10 @@ pub struct TrainOptions {
     /// paper's unsupervised grouping).
     #[serde(default)]
     pub mask_weight: f64,
+    /// How much more a feature cell covered by objects weighs in the mask supervision than
+    /// one of background (1: every cell the same); FG-ARI scores the objects' cells only.
+    #[serde(default = "one")]
+    pub mask_foreground_weight: f64,
     /// The checkpoint folder of another run (or a served model folder) whose variables this
     /// run starts from (same model configuration), instead of seeded random ones.
     #[serde(default)]
@@ -220,6 +225,11 @@ pub struct TrainOptions {
     /// How each stage's learning rate moves after its warmup.
     #[serde(default)]
     pub lr_schedule: LrSchedule,
+}
+
+/// The serde default of a weight that was added after runs were checkpointed without it.
+fn one() -> f64 {
+    1.0
 }
 
 /// How a stage's learning rate moves after its warmup.
@@ -295,10 +305,11 @@ impl TrainOptions {
     /// would train).
     fn auxiliaries<'a>(&self, stage: Stage, colour: &'a AuxDecoder) -> Auxiliaries<'a> {
         if self.grouping_frozen(stage) {
-            return Auxiliaries { colour: None, masks: false };
+            return Auxiliaries { colour: None, masks: None };
         }
         let colour = (self.colour_weight(stage) > 0.0).then_some(colour);
-        Auxiliaries { colour, masks: self.mask_weight > 0.0 }
+        let masks = (self.mask_weight > 0.0).then_some(self.mask_foreground_weight);
+        Auxiliaries { colour, masks }
     }
 
     /// `base` (stage 2's denoising loss) plus the weighted auxiliary losses of `stage`.
@@ -704,6 +715,10 @@ pub struct TrainArgs {
     /// Weight of the instance-mask supervision of Slot Attention (0: unsupervised grouping).
     #[arg(long, default_value_t = 0.0)]
     pub mask_weight: f64,
+    /// How much more the cells that objects cover weigh in the mask supervision than the
+    /// background's (1: all the same).
+    #[arg(long, default_value_t = 1.0)]
+    pub mask_foreground_weight: f64,
     /// Start from the variables of the run checkpointed in this folder, or of a served model
     /// folder such as `weights/` (same model configuration), instead of random ones.
     #[arg(long)]
@@ -780,6 +795,7 @@ impl TrainArgs {
             clip: self.clip,
             aux_weight: self.aux_weight,
             mask_weight: self.mask_weight,
+            mask_foreground_weight: self.mask_foreground_weight,
             init_from: self.init_from.clone(),
             vqvae_from: self.vqvae_from.clone(),
             unet_from: self.unet_from.clone(),
@@ -805,6 +821,11 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
             );
         }
         ensure!(args.slot_iterations > 0, "Slot Attention needs at least one iteration");
+        ensure!(
+            args.mask_foreground_weight.is_finite() && args.mask_foreground_weight > 0.0,
+            "--mask-foreground-weight must be a positive number, not {}",
+            args.mask_foreground_weight
+        );
         let mut config = default_config(
             args.encoder,
             args.grid_size,

@@ -6,6 +6,10 @@
 //! slots one to one by the assignment that minimises the loss itself (Hungarian matching, as
 //! in set prediction), and the loss is the cross-entropy between the Slot Attention masks
 //! and the matched objects' coverage of each feature cell.
+//!
+//! Every cell counts the same by default, so the background, most of a scene's area, dominates
+//! the loss; FG-ARI leaves the background out. A foreground weight above 1 makes the cells
+//! that objects cover count more, in proportion to how much of them they cover.
 
 use candle_core::{Result, Tensor};
 
@@ -18,12 +22,15 @@ const LOG_FLOOR: f64 = 1e-6;
 /// The matched cross-entropy between Slot Attention masks `masks` [B, K, N] (normalised over
 /// slots) and the label maps `labels` (one [H, W] map of `size` per scene), averaged over
 /// scenes and cells. A scene with more ids than slots leaves the ids that the cheapest
-/// assignment does not place unmatched: their cells add no target.
+/// assignment does not place unmatched: their cells add no target. Each cell weighs
+/// `1 + (foreground_weight − 1) × (its share covered by objects)`; a weight of 1 is the plain
+/// cross-entropy.
 pub fn mask_loss(
     masks: &Tensor,
     labels: &[Vec<u32>],
     size: (usize, usize),
     grid: (usize, usize),
+    foreground_weight: f64,
 ) -> Result<Tensor> {
     let (b, k, n) = masks.dims3()?;
     if labels.len() != b || grid.0 * grid.1 != n {
@@ -39,7 +46,7 @@ pub fn mask_loss(
     let costs = log_masks.detach().to_vec3::<f32>()?;
     let mut target = vec![0f32; b * k * n];
     for (i, (scene_labels, log_m)) in labels.iter().zip(&costs).enumerate() {
-        let coverage = cell_coverage(scene_labels, size, grid);
+        let coverage = weighted_coverage(scene_labels, size, grid, foreground_weight);
         let present: Vec<&Vec<f32>> =
             coverage.iter().filter(|c| c.iter().any(|&v| v > 0.0)).collect();
         let cost: Vec<Vec<f64>> = present
@@ -57,6 +64,24 @@ pub fn mask_loss(
     }
     let target = Tensor::from_vec(target, (b, k, n), masks.device())?.to_dtype(masks.dtype())?;
     (target * log_masks)?.sum_all()?.affine(-1.0 / (b * n) as f64, 0.0)
+}
+
+/// Each id's coverage of each cell ([`cell_coverage`]), times the cell's weight.
+fn weighted_coverage(
+    labels: &[u32],
+    size: (usize, usize),
+    grid: (usize, usize),
+    foreground_weight: f64,
+) -> Vec<Vec<f32>> {
+    let mut coverage = cell_coverage(labels, size, grid);
+    let extra = foreground_weight as f32 - 1.0;
+    if extra != 0.0 {
+        let weights: Vec<f32> = coverage[0].iter().map(|bg| 1.0 + extra * (1.0 - bg)).collect();
+        for id in &mut coverage {
+            id.iter_mut().zip(&weights).for_each(|(c, w)| *c *= w);
+        }
+    }
+    coverage
 }
 
 #[cfg(test)]
@@ -91,12 +116,38 @@ mod tests {
         let loss = |rows: [[f32; 4]; 3]| {
             let data: Vec<f32> = rows.iter().flatten().copied().collect();
             let masks = Tensor::from_vec(data, (1, 3, 4), &device).unwrap();
-            let l = mask_loss(&masks, &[labels()], (4, 4), (2, 2)).unwrap();
+            let l = mask_loss(&masks, &[labels()], (4, 4), (2, 2), 1.0).unwrap();
             l.to_scalar::<f32>().unwrap()
         };
         assert!(loss(right) < 1e-5, "matched masks cost {}", loss(right));
         let swapped = [right[2], right[0], right[1]];
         assert_eq!(loss(right), loss(swapped));
         assert!(loss(wrong) > 3.0, "wrong masks cost only {}", loss(wrong));
+    }
+
+    #[test]
+    fn the_foreground_weight_scales_the_cost_of_object_cells_only() {
+        let device = Device::Cpu;
+        let loss = |rows: [[f32; 4]; 3], foreground_weight: f64| {
+            let data: Vec<f32> = rows.iter().flatten().copied().collect();
+            let masks = Tensor::from_vec(data, (1, 3, 4), &device).unwrap();
+            let l = mask_loss(&masks, &[labels()], (4, 4), (2, 2), foreground_weight).unwrap();
+            l.to_scalar::<f32>().unwrap()
+        };
+        // half of object 1's cell (cell 1) given to the background's slot
+        let object_cell_split = [[0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [1.0, 0.5, 1.0, 0.0]];
+        // half of a background cell (cell 0) given to object 1's slot
+        let background_cell_split =
+            [[0.5, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [0.5, 0.0, 1.0, 0.0]];
+        let half = std::f32::consts::LN_2 / 4.0;
+        for (rows, weight, expected) in [
+            (object_cell_split, 1.0, half),
+            (object_cell_split, 3.0, 3.0 * half),
+            (background_cell_split, 1.0, half),
+            (background_cell_split, 3.0, half),
+        ] {
+            let got = loss(rows, weight);
+            assert!((got - expected).abs() < 1e-4, "weight {weight}: {got} against {expected}");
+        }
     }
 }

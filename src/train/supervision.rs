@@ -75,11 +75,9 @@ fn weighted_coverage(
 ) -> Vec<Vec<f32>> {
     let mut coverage = cell_coverage(labels, size, grid);
     let extra = foreground_weight as f32 - 1.0;
-    if extra != 0.0 {
-        let weights: Vec<f32> = coverage[0].iter().map(|bg| 1.0 + extra * (1.0 - bg)).collect();
-        for id in &mut coverage {
-            id.iter_mut().zip(&weights).for_each(|(c, w)| *c *= w);
-        }
+    let weights: Vec<f32> = coverage[0].iter().map(|bg| 1.0 + extra * (1.0 - bg)).collect();
+    for id in &mut coverage {
+        id.iter_mut().zip(&weights).for_each(|(c, w)| *c *= w);
     }
     coverage
 }
@@ -96,6 +94,14 @@ mod tests {
         vec![0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 2, 2, 0, 0, 2, 2]
     }
 
+    /// The loss of 3 slots' masks over the 2×2 grid of [`labels`] (slot rows are [cell 0..4]).
+    fn loss(rows: [[f32; 4]; 3], foreground_weight: f64) -> f32 {
+        let data: Vec<f32> = rows.iter().flatten().copied().collect();
+        let masks = Tensor::from_vec(data, (1, 3, 4), &Device::Cpu).unwrap();
+        let l = mask_loss(&masks, &[labels()], (4, 4), (2, 2), foreground_weight).unwrap();
+        l.to_scalar::<f32>().unwrap()
+    }
+
     #[test]
     fn coverage_is_the_share_of_each_cell() {
         let cov = cell_coverage(&labels(), (4, 4), (2, 2));
@@ -109,16 +115,9 @@ mod tests {
 
     #[test]
     fn the_loss_ignores_slot_order_and_rewards_the_right_masks() {
-        let device = Device::Cpu;
-        // 3 slots over the 2×2 grid; slot rows are [cell 0..4]
         let right = [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]];
         let wrong = [[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]];
-        let loss = |rows: [[f32; 4]; 3]| {
-            let data: Vec<f32> = rows.iter().flatten().copied().collect();
-            let masks = Tensor::from_vec(data, (1, 3, 4), &device).unwrap();
-            let l = mask_loss(&masks, &[labels()], (4, 4), (2, 2), 1.0).unwrap();
-            l.to_scalar::<f32>().unwrap()
-        };
+        let loss = |rows| loss(rows, 1.0);
         assert!(loss(right) < 1e-5, "matched masks cost {}", loss(right));
         let swapped = [right[2], right[0], right[1]];
         assert_eq!(loss(right), loss(swapped));
@@ -127,13 +126,6 @@ mod tests {
 
     #[test]
     fn the_foreground_weight_scales_the_cost_of_object_cells_only() {
-        let device = Device::Cpu;
-        let loss = |rows: [[f32; 4]; 3], foreground_weight: f64| {
-            let data: Vec<f32> = rows.iter().flatten().copied().collect();
-            let masks = Tensor::from_vec(data, (1, 3, 4), &device).unwrap();
-            let l = mask_loss(&masks, &[labels()], (4, 4), (2, 2), foreground_weight).unwrap();
-            l.to_scalar::<f32>().unwrap()
-        };
         // half of object 1's cell (cell 1) given to the background's slot
         let object_cell_split = [[0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [1.0, 0.5, 1.0, 0.0]];
         // half of a background cell (cell 0) given to object 1's slot

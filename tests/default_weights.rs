@@ -13,7 +13,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use slotserve::data::SceneConfig;
-use slotserve::eval::{format_table, held_out_scenes};
+use slotserve::eval::{format_outcomes, format_table, held_out_scenes};
 use slotserve::model::pipeline::SlotDiffusion;
 use slotserve::train::evaluate::evaluate_scenes;
 
@@ -42,7 +42,7 @@ fn default_weights_group_and_render_held_out_scenes_as_committed() {
     let model = SlotDiffusion::load(Path::new(WEIGHTS), None, &Device::Cpu, DType::F32).unwrap();
     let scenes = held_out_scenes(&SceneConfig::default(), 64);
     let reports = evaluate_scenes(&model, &scenes, 16, Some(0)).unwrap();
-    println!("{}", format_table(&reports));
+    println!("{}\n{}", format_table(&reports), format_outcomes(&reports));
     let scores = |i: usize| (reports[i].fg_ari.value().unwrap(), reports[i].mbo.value().unwrap());
     let kmeans = reports.iter().position(|r| r.name.starts_with("k-means")).unwrap();
     let ((fg_ari, mbo), (kmeans_fg_ari, kmeans_mbo)) = (scores(0), scores(kmeans));
@@ -60,4 +60,25 @@ fn default_weights_group_and_render_held_out_scenes_as_committed() {
         removal >= MIN_REMOVAL_PSNR,
         "removal PSNR {removal:.2} dB is below {MIN_REMOVAL_PSNR}"
     );
+}
+
+#[test]
+fn every_visible_object_of_the_default_weights_gets_one_outcome() {
+    let model = SlotDiffusion::load(Path::new(WEIGHTS), None, &Device::Cpu, DType::F32).unwrap();
+    let scenes = held_out_scenes(&SceneConfig::default(), 32);
+    let reports = evaluate_scenes(&model, &scenes, 16, None).unwrap();
+    let visible: usize = scenes
+        .iter()
+        .map(|scene| {
+            let labels = scene.render().labels;
+            (1..=scene.objects.len() as u32).filter(|id| labels.contains(id)).count()
+        })
+        .sum();
+    let [all, distinct, shared] = [0, 1, 2].map(|i| reports[i].outcomes);
+    assert_eq!(all.total(), visible);
+    assert_eq!(distinct.total() + shared.total(), visible);
+    // where every object has a colour of its own, no object can share a slot with one of its own
+    assert_eq!(distinct.counts()[1..3], [0, 0], "{distinct:?}");
+    // the baselines' rows count no outcomes (they are printed for the model only)
+    assert!(reports[3..].iter().all(|r| r.outcomes.is_empty()));
 }

@@ -6,6 +6,7 @@
 
 pub mod baselines;
 pub mod metrics;
+pub mod outcomes;
 
 use std::fmt::Write;
 
@@ -14,6 +15,7 @@ use serde::Serialize;
 use crate::data::{scene_seed, Rendered, Scene, SceneConfig, Split};
 use baselines::{grid_oracle_labels, kmeans_labels, one_cluster_labels, KMeansConfig};
 use metrics::{masked_psnr, psnr, segmentation_scores, SegmentationScores, U8_RANGE};
+use outcomes::{Outcome, Outcomes};
 
 /// A running mean that skips missing values (`None`, NaN), like the official `np.nanmean`
 /// (here over all scenes at once rather than batch by batch).
@@ -70,6 +72,9 @@ pub struct Report {
     pub removal_inside: Mean,
     /// Removal PSNR (dB) outside the removed object's region.
     pub removal_outside: Mean,
+    /// Where the objects went (counted for the model's rows only; left out of JSON when empty).
+    #[serde(skip_serializing_if = "Outcomes::is_empty")]
+    pub outcomes: Outcomes,
 }
 
 impl Report {
@@ -85,6 +90,7 @@ impl Report {
             psnr: Mean::default(),
             removal_inside: Mean::default(),
             removal_outside: Mean::default(),
+            outcomes: Outcomes::default(),
         }
     }
 
@@ -102,6 +108,7 @@ impl Report {
         ] {
             mine.absorb(theirs);
         }
+        self.outcomes.absorb(&other.outcomes);
     }
 
     /// Scores one predicted label map [H * W] of slot ids against the ground truth ids.
@@ -113,6 +120,11 @@ impl Report {
         self.miou.add(Some(scores.miou));
         self.fg_miou.add(scores.fg_miou);
         scores
+    }
+
+    /// Counts where one scene's objects went ([`outcomes::object_outcomes`]).
+    pub fn add_outcomes(&mut self, outcomes: &[Outcome]) {
+        outcomes.iter().for_each(|&outcome| self.outcomes.add(outcome));
     }
 
     /// Scores a reconstruction (RGB bytes, any layout shared by both) of `original`.
@@ -222,4 +234,23 @@ pub fn format_table(reports: &[Report]) -> String {
         );
     }
     out
+}
+
+/// The outcome table: for each report that counted outcomes, the share of its objects (in
+/// per cent) that went each way, as `slotserve eval` prints it after the metrics.
+pub fn format_outcomes(reports: &[Report]) -> String {
+    let counted: Vec<&Report> = reports.iter().filter(|r| !r.outcomes.is_empty()).collect();
+    let name_width = counted.iter().map(|r| r.name.len()).max().unwrap_or(0).max(6);
+    let mut out = format!("{:<name_width$} {:>7}", "method", "objects");
+    for header in Outcomes::HEADERS {
+        let _ = write!(out, " {header:>11}");
+    }
+    for r in counted {
+        let total = r.outcomes.total();
+        let _ = write!(out, "\n{:<name_width$} {total:>7}", r.name);
+        for count in r.outcomes.counts() {
+            let _ = write!(out, " {:>11.1}", 100.0 * count as f64 / total as f64);
+        }
+    }
+    out + "\n"
 }

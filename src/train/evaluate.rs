@@ -8,7 +8,8 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use crate::cpu_runtime::on_compute_pool;
 use crate::data::{Rendered, Scene, SceneConfig};
 use crate::eval::baselines::KMeansConfig;
-use crate::eval::{self, baseline_reports, format_table, held_out_scenes, Report};
+use crate::eval::outcomes::object_outcomes;
+use crate::eval::{self, baseline_reports, format_outcomes, format_table, held_out_scenes, Report};
 use crate::imageio::tensor_to_images;
 use crate::model::pipeline::SlotDiffusion;
 
@@ -57,6 +58,8 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
         let reports = evaluate_scenes(&model, &scenes, args.batch, renders)?;
         println!("{label} ({count} held-out, {}-{} objects):", cfg.min_objects, cfg.max_objects);
         println!("{}", format_table(&reports));
+        println!("where the objects went (per cent of the visible objects):");
+        println!("{}", format_outcomes(&reports));
         all.push((label, reports));
     }
     if let Some(path) = &args.json {
@@ -163,6 +166,8 @@ fn score_batch(
     for (i, r) in rendered.iter().enumerate() {
         let pred = parts.segmentation.i(i)?.flatten_all()?.to_vec1::<u32>()?;
         rows[i].add_segmentation(&r.labels, &pred);
+        let colours: Vec<[u8; 3]> = scenes[i].objects.iter().map(|o| o.color).collect();
+        rows[i].add_outcomes(&object_outcomes(&r.labels, &pred, r.width, &colours));
         if seed.is_none() {
             continue;
         }

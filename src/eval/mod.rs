@@ -2,7 +2,8 @@
 //!
 //! The model side (decompose, reconstruct, render without a slot) belongs to the caller; this
 //! module supplies the scenes, the ground truth for edits, per-method running means
-//! ([`Report`]), the baselines, and the printed table.
+//! ([`Report`]), the baselines, the count of where the objects went ([`outcomes`]), and the
+//! printed tables.
 
 pub mod baselines;
 pub mod metrics;

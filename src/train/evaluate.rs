@@ -41,7 +41,8 @@ pub struct EvalArgs {
 }
 
 /// `slotserve eval`: prints the metric table for the training distribution and, with
-/// `--crowded`, for crowded scenes; the model's row first, then the baselines.
+/// `--crowded`, for crowded scenes (the model's row first, then the baselines), each followed by
+/// where the model's objects went.
 pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     let model = SlotDiffusion::load(&args.model, None, &Device::Cpu, DType::F32)?;
     let mut all = Vec::new();

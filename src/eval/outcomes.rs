@@ -7,14 +7,13 @@
 use serde::Serialize;
 
 /// An object's slot is the slot of most of its visible pixels; below this share of them, the
-/// object counts as split over slots.
+/// object counts as split over slots (the variants' docs quote it).
 const SPLIT_BELOW: f64 = 0.75;
 
 /// What became of one visible object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// Its slot holds no other object and not the background, and at least [`SPLIT_BELOW`]
-    /// of its pixels.
+    /// Its slot holds no other object and not the background, and at least 75 % of its pixels.
     Own,
     /// Its slot is also another object's. The partner that explains it best is named: one of
     /// the same colour before one of another, one that touches it before one apart.
@@ -26,7 +25,7 @@ pub enum Outcome {
     },
     /// Its slot is the background's.
     Background,
-    /// Its slot holds no other object, but less than [`SPLIT_BELOW`] of its pixels.
+    /// Its slot holds no other object, but less than 75 % of its pixels.
     Split,
 }
 

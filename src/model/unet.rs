@@ -114,7 +114,7 @@ fn conv1(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv2d> {
     conv2d(in_c, out_c, 1, Conv2dConfig::default(), vb)
 }
 
-/// Sinusoidal embedding [B, dim] (f32) of per-sample, possibly fractional, timesteps [B]:
+/// Sinusoidal embedding [B, dim] (f32) of per-sample, possibly fractional, timesteps \[B]:
 /// `cat(cos(t·f), sin(t·f))` with `f_i = exp(−ln(10⁴)·i/half)`, in the official f32
 /// arithmetic order (odd `dim` gets a zero column).
 pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
@@ -567,7 +567,7 @@ impl UNetModel {
     }
 
     /// Predicted noise [B, C, h, w], in the model's dtype, for latents `x` [B, C, h, w] at
-    /// per-sample timesteps `t` [B] (fractional allowed), conditioned on `context` [B, K, D].
+    /// per-sample timesteps `t` \[B] (fractional allowed), conditioned on `context` [B, K, D].
     pub fn forward(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> Result<Tensor> {
         self.forward_masked(x, t, context, None)
     }

@@ -3,14 +3,14 @@
 use candle_core::{CpuStorage, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-/// Group normalisation over `[batch, channels, ...]`, loaded like [`candle_nn::group_norm`].
+/// Group normalisation over `[batch, channels, ...]`, loaded like [`candle_nn::group_norm()`].
 ///
 /// Besides the plain [`Module::forward`], it offers the UNet's and VQ-VAE's fused
 /// pre-activations: [`GroupNorm::forward_silu`] (`silu(norm(x))`) and
 /// [`GroupNorm::forward_add_silu`] (`silu(norm(x + shift))` with a per-sample, per-channel
 /// shift such as a ResBlock's timestep embedding), and the ResNet's post-activations
 /// [`GroupNorm::forward_relu`] and [`GroupNorm::forward_residual_relu`]. f32 CPU inputs run one pass per group in
-/// cache; inputs or weights that need gradients run [`super::norm_grad::group_norm`];
+/// cache; inputs or weights that need gradients run `norm_grad::group_norm`;
 /// everything else runs the same maths through candle.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -23,7 +23,7 @@ pub struct GroupNorm {
     affine: Option<(Vec<f32>, Vec<f32>)>,
 }
 
-/// A GroupNorm of `num_channels` in `num_groups`, read from `vb` as [`candle_nn::group_norm`]
+/// A GroupNorm of `num_channels` in `num_groups`, read from `vb` as [`candle_nn::group_norm()`]
 /// reads it (`weight`, `bias`).
 pub fn group_norm(
     num_groups: usize,

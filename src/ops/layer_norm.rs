@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor, 
 use candle_nn::VarBuilder;
 
 /// Layer normalisation over the last dimension with scale and offset, loaded like
-/// [`candle_nn::layer_norm`] (`weight`, `bias`).
+/// [`candle_nn::layer_norm()`] (`weight`, `bias`).
 ///
 /// f32 CPU inputs that need no gradients run one vectorised task per block of rows (candle's
 /// own kernel runs one thread with scalar loops). Training (an input or a scale that tracks
@@ -18,7 +18,7 @@ pub struct LayerNorm {
     affine: Option<(Vec<f32>, Vec<f32>)>,
 }
 
-/// A LayerNorm over `size` features, read from `vb` as [`candle_nn::layer_norm`] reads it.
+/// A LayerNorm over `size` features, read from `vb` as [`candle_nn::layer_norm()`] reads it.
 pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     LayerNorm::from_candle(candle_nn::layer_norm(size, eps, vb)?)
 }

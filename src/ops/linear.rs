@@ -5,7 +5,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 
-/// A fully connected layer over the last dimension, loaded like [`candle_nn::linear`] (same
+/// A fully connected layer over the last dimension, loaded like [`candle_nn::linear()`] (same
 /// `weight`/`bias` keys and shapes).
 ///
 /// At construction constant f32 CPU weights are packed once (transposed, in the micro-kernel's
@@ -27,7 +27,7 @@ impl std::fmt::Debug for Linear {
     }
 }
 
-/// A layer with bias, read from `vb` as [`candle_nn::linear`] reads it.
+/// A layer with bias, read from `vb` as [`candle_nn::linear()`] reads it.
 pub fn linear(in_features: usize, out_features: usize, vb: VarBuilder) -> Result<Linear> {
     Linear::from_candle(candle_nn::linear(in_features, out_features, vb)?)
 }

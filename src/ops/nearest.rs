@@ -10,9 +10,9 @@ use rayon::prelude::*;
 /// Vectors per parallel task.
 const ROWS_PER_TASK: usize = 32;
 
-/// For each row of `z` [N, C], the index (u32 [N]) of the row of `codebook` [K, C] at the least
+/// For each row of `z` [N, C], the index (u32 \[N]) of the row of `codebook` [K, C] at the least
 /// squared distance, computed as the official quantizer does: `‖z‖² + ‖e‖² − 2 z·e`, with
-/// `codebook_sq` [1, K] or [K] holding each `‖e‖²`; ties go to the lowest index, as
+/// `codebook_sq` [1, K] or \[K] holding each `‖e‖²`; ties go to the lowest index, as
 /// `torch.argmin`. Any dtype or device other than f32 on the CPU takes candle's tensor ops.
 pub fn nearest_code(z: &Tensor, codebook: &Tensor, codebook_sq: &Tensor) -> Result<Tensor> {
     let fast = [z, codebook, codebook_sq].iter().all(|t| super::fast_path(t));

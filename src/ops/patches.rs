@@ -22,7 +22,7 @@ pub fn supports(x: &Tensor, weight: &Tensor, cfg: &Conv2dConfig) -> bool {
 }
 
 /// `conv2d(x, weight) + bias` with gradients for all three, `x` [B, C, H, W], `weight`
-/// [O, C, kh, kw], `bias` [O]; same result as candle's `conv2d` (see [`supports`]).
+/// [O, C, kh, kw], `bias` \[O]; same result as candle's `conv2d` (see [`supports`]).
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,

@@ -139,7 +139,7 @@ impl Sampler {
         &self.schedule
     }
 
-    /// Starts one sample from the noise `x_t` ([C,h,w] or [1,C,h,w]) with `steps` model
+    /// Starts one sample from the noise `x_t` ([C, h, w] or [1, C, h, w]) with `steps` model
     /// evaluations (`None`: the official count, [`SamplerKind::default_steps`]). `seed` feeds
     /// DDPM's per-step noise and is ignored by the deterministic samplers. DDPM always runs
     /// all T steps; DDIM may run a few more than asked, as the official `range(0, T, T / steps)`
@@ -155,7 +155,7 @@ impl Sampler {
             3 => x_t.unsqueeze(0)?,
             4 if x_t.dim(0)? == 1 => x_t.clone(),
             _ => bail!(
-                "sampler start: expected x_T of shape [C,h,w] or [1,C,h,w], got {:?}",
+                "sampler start: expected x_T of shape [C, h, w] or [1, C, h, w], got {:?}",
                 x_t.dims()
             ),
         }
@@ -215,7 +215,7 @@ impl SamplerState {
         self.solver.model_time().is_none()
     }
 
-    /// The latent [1,C,h,w] (f32) and UNet timestep input of the next model evaluation, or
+    /// The latent [1, C, h, w] (f32) and UNet timestep input of the next model evaluation, or
     /// `None` when the run is finished.
     pub fn next_input(&self) -> Option<(Tensor, f32)> {
         self.solver.model_time().map(|t| (self.solver.latent().clone(), t))
@@ -231,7 +231,7 @@ impl SamplerState {
         Ok(x0)
     }
 
-    /// Second half of a step: moves on with the snapped x0 ([1,C,h,w] or [C,h,w]).
+    /// Second half of a step: moves on with the snapped x0 ([1, C, h, w] or [C, h, w]).
     pub fn accept_x0(&mut self, x0: &Tensor) -> Result<()> {
         let Some(eps) = self.eps.take() else {
             bail!("accept_x0 called without predict_x0 for this evaluation");
@@ -251,7 +251,7 @@ impl SamplerState {
         self.accept_x0(&snap(&x0)?)
     }
 
-    /// The final latent [1,C,h,w] (f32, before quantization), once the run is done.
+    /// The final latent [1, C, h, w] (f32, before quantization), once the run is done.
     pub fn final_latent(&self) -> Result<Tensor> {
         if !self.is_done() {
             bail!(
@@ -265,7 +265,7 @@ impl SamplerState {
 }
 
 /// One batched model evaluation for every unfinished state: stacks their inputs into
-/// x [B,C,h,w] and t [B] (f32), calls `model(x, t, indices)` (indices: which states of `states`
+/// x [B, C, h, w] and t \[B] (f32), calls `model(x, t, indices)` (indices: which states of `states`
 /// form the batch, in order, so the caller can stack their conditioning), snaps the B x0
 /// predictions in one `snap` call and advances each state. Returns B (0 when all are done).
 pub fn step_batch<M>(

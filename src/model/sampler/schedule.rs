@@ -65,7 +65,7 @@ pub struct NoiseSchedule {
     pub posterior_mean_coef2: Vec<f32>,
     /// log of that posterior's variance, floored at 1e-20 (`posterior_log_variance_clipped`).
     pub posterior_log_variance_clipped: Vec<f32>,
-    /// DPM-Solver's continuous times of the knots, linspace(0, 1, T+1)[1:] in f32.
+    /// DPM-Solver's continuous times of the knots, `linspace(0, 1, T+1)[1:]` in f32.
     pub t_knots: Vec<f32>,
     /// DPM-Solver's log α_t at those knots: 0.5 · cumsum(log(1 − β)).
     pub log_alpha_knots: Vec<f32>,

@@ -382,9 +382,9 @@ fn kmeans_separates_two_colours() {
 
 #[test]
 fn baselines_and_table_on_scenes() {
-    let rendered: Vec<Rendered> =
-        held_out_scenes(&SceneConfig::default(), 8).iter().map(Scene::render).collect();
-    let reports = baseline_reports(&rendered, &KMeansConfig::default(), (16, 16)).unwrap();
+    let scenes = held_out_scenes(&SceneConfig::default(), 8);
+    let rendered: Vec<Rendered> = scenes.iter().map(Scene::render).collect();
+    let reports = baseline_reports(&scenes, &rendered, &KMeansConfig::default(), (16, 16)).unwrap();
     let (kmeans, one, oracle) = (&reports[0], &reports[1], &reports[2]);
     assert_eq!((kmeans.scenes, one.scenes, oracle.scenes), (8, 8, 8));
     assert_eq!(one.fg_ari.value(), Some(0.0));
@@ -394,10 +394,16 @@ fn baselines_and_table_on_scenes() {
     // nothing
     let o_ari = oracle.fg_ari.value().unwrap();
     assert!(o_ari > k_ari && o_ari < 1.0, "16×16 grid truth FG-ARI {o_ari}");
-    let exact = baseline_reports(&rendered, &KMeansConfig::default(), (64, 64)).unwrap();
+    let exact = baseline_reports(&scenes, &rendered, &KMeansConfig::default(), (64, 64)).unwrap();
     for value in [exact[2].fg_ari.value(), exact[2].mbo.value()] {
         assert!((value.unwrap() - 1.0).abs() < 1e-9, "1×1-pixel grid truth scores {value:?}");
     }
+    // where the objects went: one cluster puts every object in the background's slot, the exact
+    // truth every object in a slot of its own
+    let objects = one.outcomes.total();
+    assert!(objects >= 16, "{objects} visible objects in 8 scenes of 2 to 6");
+    assert_eq!(one.outcomes.counts()[5], objects);
+    assert_eq!((exact[2].outcomes.counts()[0], exact[2].outcomes.total()), (objects, objects));
     let table = format_table(&reports);
     assert!(table.contains("FG-ARI") && table.contains("one cluster"), "{table}");
     assert!(table.contains("truth on the 16×16 grid"), "{table}");

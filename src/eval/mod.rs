@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::data::{scene_seed, Rendered, Scene, SceneConfig, Split};
 use baselines::{grid_oracle_labels, kmeans_labels, one_cluster_labels, KMeansConfig};
 use metrics::{masked_psnr, psnr, segmentation_scores, SegmentationScores, U8_RANGE};
-use outcomes::{Outcome, Outcomes};
+use outcomes::{object_outcomes, Outcomes};
 
 /// A running mean that skips missing values (`None`, NaN), like the official `np.nanmean`
 /// (here over all scenes at once rather than batch by batch).
@@ -73,7 +73,7 @@ pub struct Report {
     pub removal_inside: Mean,
     /// Removal PSNR (dB) outside the removed object's region.
     pub removal_outside: Mean,
-    /// Where the objects went (counted for the model's rows only; left out of JSON when empty).
+    /// Where the objects went (counted by [`Report::add_scene`]; left out of JSON when empty).
     #[serde(skip_serializing_if = "Outcomes::is_empty")]
     pub outcomes: Outcomes,
 }
@@ -123,9 +123,19 @@ impl Report {
         scores
     }
 
-    /// Counts where one scene's objects went ([`outcomes::object_outcomes`]).
-    pub fn add_outcomes(&mut self, outcomes: &[Outcome]) {
-        outcomes.iter().for_each(|&outcome| self.outcomes.add(outcome));
+    /// Scores one scene's predicted label map [H * W] of slot ids: the segmentation metrics
+    /// ([`Report::add_segmentation`]) and where its objects went ([`object_outcomes`]).
+    pub fn add_scene(
+        &mut self,
+        scene: &Scene,
+        rendered: &Rendered,
+        pred: &[u32],
+    ) -> SegmentationScores {
+        let colours: Vec<[u8; 3]> = scene.objects.iter().map(|o| o.color).collect();
+        for outcome in object_outcomes(&rendered.labels, pred, rendered.width, &colours) {
+            self.outcomes.add(outcome);
+        }
+        self.add_segmentation(&rendered.labels, pred)
     }
 
     /// Scores a reconstruction (RGB bytes, any layout shared by both) of `original`.
@@ -157,21 +167,22 @@ pub fn held_out_scenes(cfg: &SceneConfig, count: usize) -> Vec<Scene> {
     (0..count as u64).map(|i| Scene::generate(cfg, scene_seed(Split::Eval, i))).collect()
 }
 
-/// The rows of the baselines on rendered scenes: k-means on colours, one cluster, and the
-/// ground truth on the model's feature `grid` (its ceiling, see
+/// The rows of the baselines on `scenes` (`rendered`, their renders): k-means on colours, one
+/// cluster, and the ground truth on the model's feature `grid` (its ceiling, see
 /// [`baselines::grid_oracle_labels`]).
 pub fn baseline_reports(
-    scenes: &[Rendered],
+    scenes: &[Scene],
+    rendered: &[Rendered],
     kmeans: &KMeansConfig,
     grid: (usize, usize),
 ) -> candle_core::Result<Vec<Report>> {
     let mut kmeans_row = Report::new(format!("k-means colours (k={})", kmeans.clusters));
     let mut one_row = Report::new("one cluster");
     let mut oracle_row = Report::new(format!("truth on the {}×{} grid", grid.0, grid.1));
-    for scene in scenes {
-        kmeans_row.add_segmentation(&scene.labels, &kmeans_labels(&scene.image, kmeans));
-        one_row.add_segmentation(&scene.labels, &one_cluster_labels(scene.labels.len()));
-        oracle_row.add_segmentation(&scene.labels, &grid_oracle_labels(scene, grid)?);
+    for (scene, r) in scenes.iter().zip(rendered) {
+        kmeans_row.add_scene(scene, r, &kmeans_labels(&r.image, kmeans));
+        one_row.add_scene(scene, r, &one_cluster_labels(r.labels.len()));
+        oracle_row.add_scene(scene, r, &grid_oracle_labels(r, grid)?);
     }
     Ok(vec![kmeans_row, one_row, oracle_row])
 }

@@ -8,7 +8,6 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use crate::cpu_runtime::on_compute_pool;
 use crate::data::{Rendered, Scene, SceneConfig};
 use crate::eval::baselines::KMeansConfig;
-use crate::eval::outcomes::object_outcomes;
 use crate::eval::{self, baseline_reports, format_outcomes, format_table, held_out_scenes, Report};
 use crate::imageio::tensor_to_images;
 use crate::model::pipeline::SlotDiffusion;
@@ -42,7 +41,7 @@ pub struct EvalArgs {
 
 /// `slotserve eval`: prints the metric table for the training distribution and, with
 /// `--crowded`, for crowded scenes (the model's row first, then the baselines), each followed by
-/// where the model's objects went.
+/// where each method's objects went.
 pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     let model = SlotDiffusion::load(&args.model, None, &Device::Cpu, DType::F32)?;
     let mut all = Vec::new();
@@ -114,7 +113,7 @@ pub fn evaluate_scenes(
         Some(r) => model.encoder().grid(r.height, r.width),
         None => (1, 1),
     };
-    reports.extend(baseline_reports(&rendered, &kmeans, grid)?);
+    reports.extend(baseline_reports(scenes, &rendered, &kmeans, grid)?);
     reports.extend(autoencoder);
     Ok(reports)
 }
@@ -166,9 +165,7 @@ fn score_batch(
     let mut removals = Vec::new();
     for (i, r) in rendered.iter().enumerate() {
         let pred = parts.segmentation.i(i)?.flatten_all()?.to_vec1::<u32>()?;
-        rows[i].add_segmentation(&r.labels, &pred);
-        let colours: Vec<[u8; 3]> = scenes[i].objects.iter().map(|o| o.color).collect();
-        rows[i].add_outcomes(&object_outcomes(&r.labels, &pred, r.width, &colours));
+        rows[i].add_scene(&scenes[i], r, &pred);
         if seed.is_none() {
             continue;
         }

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::data::{scene_seed, Rendered, Scene, SceneConfig, Split};
 use baselines::{grid_oracle_labels, kmeans_labels, one_cluster_labels, KMeansConfig};
-use metrics::{masked_psnr, psnr, segmentation_scores, SegmentationScores, U8_RANGE};
+use metrics::{masked_psnr, psnr, segmentation_scores, U8_RANGE};
 use outcomes::{object_outcomes, Outcomes};
 
 /// A running mean that skips missing values (`None`, NaN), like the official `np.nanmean`
@@ -112,30 +112,20 @@ impl Report {
         self.outcomes.absorb(&other.outcomes);
     }
 
-    /// Scores one predicted label map [H * W] of slot ids against the ground truth ids.
-    pub fn add_segmentation(&mut self, gt: &[u32], pred: &[u32]) -> SegmentationScores {
-        let scores = segmentation_scores(gt, pred);
+    /// Scores one scene's predicted label map [H * W] of slot ids against its ground truth:
+    /// the segmentation metrics ([`segmentation_scores`]) and where its objects went
+    /// ([`object_outcomes`]).
+    pub fn add_scene(&mut self, scene: &Scene, rendered: &Rendered, pred: &[u32]) {
+        let scores = segmentation_scores(&rendered.labels, pred);
         self.scenes += 1;
         self.fg_ari.add(Some(scores.fg_ari));
         self.mbo.add(scores.mbo);
         self.miou.add(Some(scores.miou));
         self.fg_miou.add(scores.fg_miou);
-        scores
-    }
-
-    /// Scores one scene's predicted label map [H * W] of slot ids: the segmentation metrics
-    /// ([`Report::add_segmentation`]) and where its objects went ([`object_outcomes`]).
-    pub fn add_scene(
-        &mut self,
-        scene: &Scene,
-        rendered: &Rendered,
-        pred: &[u32],
-    ) -> SegmentationScores {
         let colours: Vec<[u8; 3]> = scene.objects.iter().map(|o| o.color).collect();
         for outcome in object_outcomes(&rendered.labels, pred, rendered.width, &colours) {
             self.outcomes.add(outcome);
         }
-        self.add_segmentation(&rendered.labels, pred)
     }
 
     /// Scores a reconstruction (RGB bytes, any layout shared by both) of `original`.
